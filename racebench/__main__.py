@@ -1,0 +1,3 @@
+from racebench.cli import app
+
+app(prog_name="racebench")

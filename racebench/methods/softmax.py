@@ -1,0 +1,109 @@
+"""Softmax attention: FlashAttention (flash-attn or SDPA's flash backend), the other SDPA backends, and
+an explicit T x T reference."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from racebench.methods.registry import (
+    ALL,
+    HALF,
+    HAS_FLASH_ATTN,
+    HAS_FLASH_ATTN3,
+    BuildConfig,
+    Method,
+    register_method,
+)
+
+
+def softmax_naive(q, k, v, *, causal=False):
+    """Explicit scores [B, H, T, T]: the reference, and the method that runs out of memory first."""
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    if causal:
+        T = q.shape[-2]
+        scores = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=q.device).tril(), -math.inf)
+    return torch.softmax(scores, dim=-1) @ v
+
+
+def _sdpa(backend):
+    def build(cfg: BuildConfig):
+        def attend(q, k, v):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=cfg.causal)
+        return attend
+    return build
+
+
+def _flash_attn_build(cfg: BuildConfig):
+    if cfg.device == "cuda" and HAS_FLASH_ATTN:
+        from flash_attn import flash_attn_func
+
+        def fa2(q, k, v):  # flash-attn wants [B, T, H, D]
+            o = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=cfg.causal)
+            return o.transpose(1, 2)
+        return fa2
+    return _sdpa(SDPBackend.FLASH_ATTENTION)(cfg)
+
+
+def _flash3_build(cfg: BuildConfig):
+    from flash_attn_interface import flash_attn_func
+
+    def fa3(q, k, v):
+        o = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=cfg.causal)
+        o = o[0] if isinstance(o, tuple) else o  # some FA3 releases also return the log-sum-exp
+        return o.transpose(1, 2)
+    return fa3
+
+
+def _flash3_unavailable(device):
+    if not HAS_FLASH_ATTN3:
+        return "flash-attn 3 (flash_attn_interface) not installed"
+    if torch.cuda.get_device_capability()[0] != 9:
+        return "FA3 needs a Hopper GPU"
+    return None
+
+
+register_method(Method(
+    name="flash",
+    description="FlashAttention: flash-attn's flash_attn_func on CUDA when installed, else SDPA's flash backend",
+    build=_flash_attn_build,
+    support={"cpu": ALL, "cuda": HALF},
+    impl=lambda device: "flash_attn.flash_attn_func" if device == "cuda" and HAS_FLASH_ATTN else "sdpa-flash",
+))
+register_method(Method(
+    name="flash3",
+    description="FlashAttention-3 (flash_attn_interface) on Hopper GPUs",
+    build=_flash3_build,
+    support={"cuda": HALF},
+    unavailable=_flash3_unavailable,
+    impl=lambda device: "flash_attn_interface.flash_attn_func",
+))
+register_method(Method(
+    name="sdpa-efficient",
+    description="PyTorch SDPA restricted to its memory-efficient backend",
+    build=_sdpa(SDPBackend.EFFICIENT_ATTENTION),
+    support={"cuda": ALL},
+    impl=lambda device: "sdpa-efficient",
+))
+register_method(Method(
+    name="sdpa-cudnn",
+    description="PyTorch SDPA restricted to its cuDNN backend",
+    build=_sdpa(SDPBackend.CUDNN_ATTENTION),
+    support={"cuda": HALF},
+    impl=lambda device: "sdpa-cudnn",
+))
+register_method(Method(
+    name="sdpa-math",
+    description="PyTorch SDPA restricted to its math (unfused) backend",
+    build=_sdpa(SDPBackend.MATH),
+    impl=lambda device: "sdpa-math",
+))
+register_method(Method(
+    name="softmax-naive",
+    description="Softmax attention with explicit T x T scores (runs out of memory first)",
+    build=lambda cfg: lambda q, k, v: softmax_naive(q, k, v, causal=cfg.causal),
+))

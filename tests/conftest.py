@@ -1,0 +1,43 @@
+import pytest
+import torch
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||, in float64: the one error measure every comparison uses."""
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def qkv(B, H, T, D, dtype=torch.float64, scale=1.0):
+    """Fresh random q, k, v that require grad (no fixed seed: every run draws new inputs)."""
+    return [(torch.randn(B, H, T, D, dtype=torch.float64) * scale).to(dtype).requires_grad_() for _ in range(3)]
+
+
+def out_and_grads(fn, q, k, v, grad_out):
+    o = fn(q, k, v)
+    return (o, *torch.autograd.grad(o, (q, k, v), grad_out.to(o.dtype)))
+
+
+def _errors(got, want, g):
+    # Some gradients are nearly zero in exact arithmetic (dk at T = 1 is O(eps)): measure every error
+    # against the larger of the exact value's norm and a hundredth of the incoming gradient's
+    # (a wrong gradient is off by the order of the incoming gradient itself).
+    return [((a.double() - b).norm() / torch.maximum(b.norm(), 1e-2 * g.norm())).item() for a, b in zip(got, want)]
+
+
+@pytest.fixture
+def check_close():
+    """Compare outputs and q, k, v gradients of fn against the float64 reference `ref`.
+
+    The flash-attention rule: fn may make at most twice the error that `ref` itself makes when run in
+    fn's input dtype, plus `tol` (so float64 inputs must match to `tol`)."""
+
+    def check(fn, ref, q, k, v, *, tol):
+        g = torch.randn_like(q, dtype=torch.float64)
+        want = out_and_grads(ref, *(x.detach().double().requires_grad_() for x in (q, k, v)), g)
+        ours = _errors(out_and_grads(fn, q, k, v, g), want, g)
+        plain = _errors(out_and_grads(ref, *(x.detach().requires_grad_() for x in (q, k, v)), g), want, g)
+        for name, err, base in zip(("o", "dq", "dk", "dv"), ours, plain):
+            assert err <= 2 * base + tol, f"{name}: error {err:.2e} > 2 x {base:.2e} + {tol:.0e}"
+
+    return check
