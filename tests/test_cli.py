@@ -18,3 +18,50 @@ def test_methods_lists_every_method_with_availability():
 def test_unknown_command_is_a_usage_error():
     result = runner.invoke(app, ["frobnicate"])
     assert result.exit_code == 2
+
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from racebench.results.store import load_run  # noqa: E402
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--methods", "race,nope"], "unknown method 'nope'; known methods:"),
+    (["--lengths", "4K,1K"], "strictly increasing"),
+    (["--min-len", "0"], "must be positive"),
+    (["--min-len", "8K", "--max-len", "1K"], "larger than --max-len"),
+    (["--dtype", "fp8"], "--dtype must be one of"),
+    (["--memory-budget", "1KB"], "cannot hold even the inputs"),
+    (["--time-budget", "soon"], "cannot read duration"),
+    (["--mode", "train"], "--mode must be one of"),
+    (["--preset", "huge"], "unknown preset"),
+    (["--race-normalize", "softmax"], "--race-normalize must be paper or bucket"),
+    (["--resume"], "--resume needs --out"),
+])
+def test_sweep_bad_input_is_one_line_exit_2(args, message):
+    result = runner.invoke(app, ["sweep", *args], env={"COLUMNS": "200"})
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on machines without CUDA")
+def test_sweep_cuda_without_cuda():
+    result = runner.invoke(app, ["sweep", "--device", "cuda"])
+    assert result.exit_code == 2 and "no CUDA device" in result.output
+
+
+def test_sweep_runs_and_prints_thresholds(tmp_path):
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["sweep", "--methods", "race,linear", "--lengths", "64,128", "-H", "1", "-D", "16",
+                                 "--repeats", "1", "--warmup", "1", "--out", str(out)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "Largest context completed per method" in result.output
+    meta, df = load_run(out)
+    assert meta["command"].startswith("racebench ") and len(df) == 4 and (df.status == "ok").all()
+
+
+def test_env_prints_environment():
+    result = runner.invoke(app, ["env"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0 and "torch" in result.output and "schema_version" in result.output

@@ -59,6 +59,8 @@ class Method:
     # Which implementation actually runs on a device (recorded with every result).
     impl: Callable[[str], str] = lambda device: "torch"
     knobs: tuple[str, ...] = ()
+    # The knob values a build with this config really uses (defaults filled in), recorded with results.
+    effective_knobs: Callable[[BuildConfig], dict[str, Any]] = lambda cfg: {}
 
     def availability(self, device: str | None = None) -> str | None:
         """None if the method can run on `device` (any of its devices when None), else why not."""

@@ -16,3 +16,31 @@ def methods_table(device: str | None = None) -> Table:
         table.add_row(m.name, m.description, "yes" if m.causal else "no", ", ".join(m.support),
                       "[green]yes[/]" if why is None else f"[red]no[/] ({why})")
     return table
+
+
+def thresholds_table(df, title: str = "Largest context completed per method") -> Table:
+    import pandas as pd
+
+    from racebench.bench.units import format_bytes, format_length, format_ms
+    from racebench.results.summary import thresholds
+
+    table = Table(title=title, title_justify="left")
+    for col in ("method", "device", "dtype", "largest T done", "time", "peak memory", "peak / floor",
+                "threshold", "cause"):
+        table.add_column(col)
+    for r in thresholds(df).itertuples():
+        ok = pd.notna(r.max_ok_T) and pd.notna(r.peak_mem_bytes)
+        ratio = r.peak_mem_bytes / r.floor_bytes if ok and r.floor_bytes else None
+        table.add_row(r.method, r.device, r.dtype, format_length(r.max_ok_T), format_ms(r.time_ms),
+                      format_bytes(r.peak_mem_bytes), f"{ratio:.2f}x" if ratio else "-",
+                      format_length(r.fail_T), r.cause if isinstance(r.cause, str) else "-")
+    return table
+
+
+def environment_table(env: dict) -> Table:
+    table = Table(title="Environment", title_justify="left", show_header=False)
+    table.add_column("key", style="bold")
+    table.add_column("value")
+    for key, value in env.items():
+        table.add_row(key, "-" if value is None else str(value))
+    return table

@@ -61,6 +61,18 @@ def _knobs(cfg: BuildConfig):
     return cfg.knob("race_P", DEFAULT_P), cfg.knob("race_L", DEFAULT_L), cfg.knob("race_M", 1)
 
 
+def _race_knobs(cfg: BuildConfig) -> dict:
+    P, L, M = _knobs(cfg)
+    return dict(race_P=P, race_L=L, race_M=M, race_beta=float(cfg.knob("race_beta", DEFAULT_BETA)),
+                race_normalize=cfg.knob("race_normalize", "paper"))
+
+
+def _race_paper_knobs(cfg: BuildConfig) -> dict:
+    P, L, M = _knobs(cfg)
+    return dict(race_P=P, race_L=L, race_M=M, race_beta=float(cfg.knob("race_beta", paper_beta(cfg.causal, cfg.D))),
+                race_normalize="bucket")
+
+
 def _build_race(cfg: BuildConfig):
     P, L, M = _knobs(cfg)
     beta, normalize = cfg.knob("race_beta", DEFAULT_BETA), cfg.knob("race_normalize", "paper")
@@ -88,10 +100,12 @@ register_method(Method(
     description="RACE attention: soft-LSH features + blocked linear-attention core, recomputing backward",
     build=_build_race,
     knobs=RACE_KNOBS,
+    effective_knobs=_race_knobs,
 ))
 register_method(Method(
     name="race-paper",
     description="RACE as the published benchmark scripts compute it (bucket normalization, [T,S,D] causal)",
     build=_build_race_paper,
     knobs=("race_P", "race_L", "race_beta", "race_M"),
+    effective_knobs=_race_paper_knobs,
 ))

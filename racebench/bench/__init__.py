@@ -1,0 +1,1 @@
+"""The measurement engine: sweep specs, isolated workers, the runner."""

@@ -1,0 +1,74 @@
+"""The machine and software a run measured on: everything run.json records."""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.metadata
+import os
+import platform
+import socket
+import subprocess
+from pathlib import Path
+
+import psutil
+import torch
+
+import racebench
+
+SCHEMA_VERSION = 1
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _git(*args: str) -> str | None:
+    root = Path(racebench.__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def collect_environment() -> dict:
+    sha = _git("rev-parse", "HEAD")
+    env = {
+        "schema_version": SCHEMA_VERSION,
+        "racebench_version": racebench.__version__,
+        "git_sha": sha,
+        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")) if sha else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": _version("triton"),
+        "flash_attn": _version("flash-attn") or _version("flash_attn"),
+        "gpu": None,
+        "gpu_memory_bytes": None,
+        "cpu": _cpu_model(),
+        "cpu_cores": psutil.cpu_count(logical=True),
+        "cpu_physical_cores": psutil.cpu_count(logical=False),
+        "ram_bytes": psutil.virtual_memory().total,
+        "torch_threads": torch.get_num_threads(),
+        "hostname": socket.gethostname(),
+        "platform": platform.platform(),
+        "utc_time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+    }
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        env["gpu"], env["gpu_memory_bytes"] = props.name, props.total_memory
+    return env

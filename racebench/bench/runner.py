@@ -1,0 +1,173 @@
+"""The sweep runner: walks each method's lengths upward, one child process per point (DESIGN.md, step 4)."""
+
+from __future__ import annotations
+
+import math
+import multiprocessing as mp
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from racebench.bench.environment import collect_environment
+from racebench.bench.spec import SweepSpec
+from racebench.bench.worker import child_main, point_row
+from racebench.errors import UnavailableError, UnsupportedError
+from racebench.methods.registry import get_method
+from racebench.results.store import RunStore
+
+FAILURES = ("oom", "timeout")
+# Seconds a child gets beyond the time budget to start and to hand its result back.
+_GRACE_S = 15.0
+
+
+def _context():
+    # forkserver: children fork from a clean server that has imported torch once (fast starts) but
+    # started no threads and no CUDA context (safe forks).
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["racebench.bench.worker"])
+    return ctx
+
+
+def run_child(spec: SweepSpec, method: str, T: int) -> dict:
+    """Measure one point in its own process; a crash, a hang or a signal becomes the point's status."""
+    ctx = _context()
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=child_main, args=(send, spec.to_dict(), method, T), daemon=True)
+    start = time.perf_counter()
+    proc.start()
+    send.close()
+    row, timed_out = None, False
+    try:
+        timed_out = not recv.poll(spec.time_budget_s + _GRACE_S)  # a dead child reads as EOF at once
+        row = None if timed_out else recv.recv()
+    except (EOFError, OSError):
+        row = None
+    finally:
+        if proc.is_alive() and row is None:
+            proc.kill()
+        proc.join(5)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+    wall = time.perf_counter() - start
+    if row is None:
+        if timed_out:
+            row = point_row(spec, method, T, status="timeout",
+                            error=f"killed after the {spec.time_budget_s:g} s time budget")
+        elif proc.exitcode is not None and proc.exitcode < 0:
+            name = signal.Signals(-proc.exitcode).name
+            row = point_row(spec, method, T, status="error", error=f"child killed by {name}")
+        else:
+            row = point_row(spec, method, T, status="error", error=f"child exited with code {proc.exitcode}")
+    row.pop("traceback", None)
+    return row | {"point_wall_s": round(wall, 3)}
+
+
+@dataclass
+class MethodState:
+    """What the runner knows of one method so far: completed points and the first failure."""
+
+    ok: list[tuple[int, float]] = field(default_factory=list)  # (T, time_ms)
+    failed: tuple[int, str] | None = None  # (T, status)
+
+    def update(self, row: dict) -> None:
+        if row["status"] == "ok":
+            self.ok.append((row["T"], row["time_ms"]))
+        elif row["status"] in FAILURES and (self.failed is None or row["T"] < self.failed[0]):
+            self.failed = (row["T"], row["status"])
+
+    def last_ok(self) -> int | None:
+        return max((T for T, _ in self.ok), default=None)
+
+    def predict_ms(self, T: int) -> float | None:
+        """One pass at T from the growth between the two longest completed points (power law)."""
+        pts = sorted(self.ok)[-2:]
+        if len(pts) < 2:
+            return None
+        (t1, m1), (t2, m2) = pts
+        exponent = max(1.0, math.log(m2 / m1) / math.log(t2 / t1)) if m1 > 0 and m2 > 0 else 1.0
+        return m2 * (T / t2) ** exponent
+
+
+def _plan_row(spec: SweepSpec, method: str, state: MethodState, T: int) -> dict | None:
+    """A row recorded without running (unsupported, skipped) when the point should not run, else None."""
+    try:
+        get_method(method).check(spec.device, spec.torch_dtype, spec.causal)
+    except (UnsupportedError, UnavailableError) as exc:
+        return point_row(spec, method, T, status="unsupported", error=str(exc))
+    if state.failed and state.failed[0] < T:
+        return point_row(spec, method, T, status="skipped",
+                         error=f"{state.failed[1]} at T = {state.failed[0]}; longer lengths not tried")
+    predicted = state.predict_ms(T)
+    passes = spec.warmup + spec.repeats + 1
+    if predicted is not None and predicted * passes / 1e3 > spec.time_budget_s:
+        return point_row(spec, method, T, status="skipped", predicted_ms=predicted, error=(
+            f"predicted {predicted / 1e3:.3g} s per pass x {passes} passes exceeds the "
+            f"{spec.time_budget_s:g} s budget"))
+    return None
+
+
+ProgressFn = Callable[[str, int, dict | None], None]
+
+
+def run_sweep(spec: SweepSpec, out: Path, *, resume: bool = False, command: str = "",
+              progress: ProgressFn | None = None, measure: Callable = run_child) -> RunStore:
+    """Run (or continue) a sweep into `out`. `progress(method, T, row)` is called before (row None) and
+    after each point."""
+    if resume:
+        store = RunStore(out)
+        meta = store.meta()
+        meta.setdefault("resumed", []).append(collect_environment()["utc_time"])
+        store.write_meta(meta)
+    else:
+        store = RunStore.create(out, {"run_id": out.name, "command": command, "spec": spec.to_dict(),
+                                      "environment": collect_environment()})
+    done = {(r["method"], int(r["T"])): r for r in store.rows()}
+    report = progress or (lambda method, T, row: None)
+
+    def point(method: str, T: int, state: MethodState, refine: bool = False) -> dict:
+        if (method, T) in done:
+            row = done[(method, T)]
+        else:
+            report(method, T, None)
+            row = _plan_row(spec, method, state, T) or measure(spec, method, T)
+            row["refine"] = refine
+            store.append(row)
+        state.update(row)
+        report(method, T, row)
+        return row
+
+    try:
+        for method in spec.methods:
+            state = MethodState()
+            for T in spec.lengths:
+                point(method, T, state)
+            if spec.refine and state.failed and state.last_ok():
+                _refine(spec, method, state, point)
+    finally:
+        store.write_table()
+        meta = store.meta()
+        meta["finished_utc"] = collect_environment()["utc_time"] if sys.exc_info()[0] is None else None
+        store.write_meta(meta)
+    return store
+
+
+def _refine(spec: SweepSpec, method: str, state: MethodState, point) -> None:
+    """Bisect between the longest completed length and the first failure, to relative precision spec.refine."""
+    lo, (hi, _) = state.last_ok(), state.failed
+    while lo and hi / lo - 1 > spec.refine:
+        mid = int(math.sqrt(lo * hi))
+        mid -= mid % 64 if mid > 1024 else 0  # round lengths for readable tables
+        if not lo < mid < hi:
+            break
+        row = point(method, mid, state, refine=True)
+        if row["status"] == "ok":
+            lo = mid
+        elif row["status"] in FAILURES:
+            hi = mid
+            state.failed = (mid, row["status"])
+        else:
+            break

@@ -1,0 +1,165 @@
+"""SweepSpec: every option of a sweep, parsed and validated once, frozen, stored in run.json."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+import torch
+
+from racebench.bench.units import geometric_lengths, parse_bytes, parse_duration, parse_length, parse_lengths
+from racebench.errors import UsageError
+from racebench.methods.registry import DTYPES, HAS_CUDA, get_method
+
+MODES = ("fwd", "bwd", "fwd+bwd")
+DEFAULT_METHODS = ("race", "race-paper", "flash", "linear", "performer", "linformer", "angular")
+PAPER_METHODS = ("race", "race-paper", "flash", "linear", "performer", "linformer", "angular")
+
+# Each preset fills the options the user left out.
+PRESETS: dict[str, dict[str, Any]] = {
+    # The embedded default: a CPU sweep that finishes within about five minutes on 2 cores.
+    "default": dict(min_len="2^10", max_len="2^20", time_budget="20s"),
+    # The published protocol (RACE.md): B=1, H=4, D=128, non-causal fwd+bwd, 2 warm-up + 5 timed passes.
+    "paper-gpu": dict(methods=",".join(PAPER_METHODS), device="cuda", dtype="bf16", min_len="2^11",
+                      max_len="2^28", causal=False, mode="fwd+bwd", time_budget="5m"),
+    "paper-cpu": dict(methods=",".join(PAPER_METHODS), device="cpu", dtype="fp32", min_len="2^11",
+                      max_len="2^26", causal=False, mode="fwd+bwd", time_budget="10m"),
+    "quick": dict(methods="race,flash,linear", min_len="2^8", max_len="2^12", warmup=1, repeats=3,
+                  time_budget="30s"),
+    # Fixed, short points for regression gates on CI runners.
+    "ci": dict(methods="race,race-paper,flash,linear", min_len="2^12", max_len="2^16", time_budget="60s"),
+}
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    methods: tuple[str, ...]
+    lengths: tuple[int, ...]
+    B: int = 1
+    H: int = 4
+    D: int = 128
+    dtype: str = "fp32"
+    device: str = "cpu"
+    causal: bool = False
+    mode: str = "fwd+bwd"
+    warmup: int = 2
+    repeats: int = 5
+    time_budget_s: float = 60.0
+    memory_budget_bytes: int = 2**30
+    refine: float | None = None
+    seed: int = 0
+    knobs: dict[str, Any] = field(default_factory=dict)
+    preset: str = "default"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def input_bytes(self, T: int) -> int:
+        """q, k, v: what every point allocates before the method runs."""
+        return 3 * self.B * self.H * T * self.D * self.torch_dtype.itemsize
+
+    def floor_bytes(self, T: int) -> int:
+        """The protocol's memory floor: q, k, v, o, dq, dk, dv must exist (DESIGN.md)."""
+        n = {"fwd": 4, "bwd": 7, "fwd+bwd": 7}[self.mode]
+        return n * self.B * self.H * T * self.D * self.torch_dtype.itemsize
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SweepSpec:
+        names = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in names}
+        d["methods"], d["lengths"] = tuple(d["methods"]), tuple(d["lengths"])
+        return cls(**d)
+
+
+def _positive_int(name: str, value: Any) -> int:
+    try:
+        v = int(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"--{name} must be a whole number, got {value!r}") from None
+    if v <= 0:
+        raise UsageError(f"--{name} must be positive, got {v}")
+    return v
+
+
+def resolve_device(device: str) -> str:
+    device = (device or "auto").lower()
+    if device == "auto":
+        return "cuda" if HAS_CUDA else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise UsageError(f"--device must be auto, cpu or cuda, not {device!r}")
+    if device == "cuda" and not HAS_CUDA:
+        raise UsageError("--device cuda: no CUDA device is available on this machine")
+    return device
+
+
+def default_memory_budget(device: str) -> int:
+    if device == "cuda":
+        return int(0.9 * torch.cuda.get_device_properties(0).total_memory)
+    # A safe share of what is free now: the rest of the machine keeps working, the OOM killer stays asleep.
+    return int(0.6 * psutil.virtual_memory().available)
+
+
+def build_spec(*, preset: str | None = None, methods: str | None = None, lengths: str | None = None,
+               min_len: str | None = None, max_len: str | None = None, growth: float | None = None,
+               batch: int | None = None, heads: int | None = None, head_dim: int | None = None,
+               dtype: str | None = None, device: str | None = None, causal: bool | None = None,
+               mode: str | None = None, warmup: int | None = None, repeats: int | None = None,
+               time_budget: str | None = None, memory_budget: str | None = None, refine: float | None = None,
+               seed: int | None = None, knobs: dict[str, Any] | None = None) -> SweepSpec:
+    """Options as the CLI gives them (None = not given) -> a validated SweepSpec."""
+    name = preset or "default"
+    if name not in PRESETS:
+        raise UsageError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+    given = {k: v for k, v in locals().items() if k not in ("preset", "name", "knobs") and v is not None}
+    opts = PRESETS[name] | given
+
+    device = resolve_device(opts.get("device", "auto"))
+    dtype = (opts.get("dtype") or ("bf16" if device == "cuda" else "fp32")).lower()
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    if device == "cuda" and dtype == "bf16" and not torch.cuda.is_bf16_supported():
+        raise UsageError("--dtype bf16: this GPU cannot run bfloat16")
+
+    method_names = tuple(m.strip() for m in str(opts.get("methods", ",".join(DEFAULT_METHODS))).split(","))
+    for m in method_names:
+        get_method(m)  # raises with the list of known methods
+    if len(set(method_names)) != len(method_names):
+        raise UsageError("--methods lists a method twice")
+
+    if "lengths" in opts:
+        lens = parse_lengths(opts["lengths"])
+    else:
+        lens = geometric_lengths(parse_length(opts.get("min_len", "2^10")), parse_length(opts.get("max_len", "2^20")),
+                                 float(opts.get("growth", 2)))
+    mode = opts.get("mode", "fwd+bwd")
+    if mode not in MODES:
+        raise UsageError(f"--mode must be one of {', '.join(MODES)}, not {mode!r}")
+    refine_prec = opts.get("refine")
+    if refine_prec is not None and not 0 < float(refine_prec) < 1:
+        raise UsageError(f"--refine is a relative precision between 0 and 1 (e.g. 0.05), not {refine_prec}")
+
+    total = (torch.cuda.get_device_properties(0).total_memory if device == "cuda"
+             else psutil.virtual_memory().total)
+    budget = (parse_bytes(opts["memory_budget"], total=total) if "memory_budget" in opts
+              else default_memory_budget(device))
+    spec = SweepSpec(
+        methods=method_names, lengths=tuple(lens),
+        B=_positive_int("batch", opts.get("batch", 1)), H=_positive_int("heads", opts.get("heads", 4)),
+        D=_positive_int("head-dim", opts.get("head_dim", 128)), dtype=dtype, device=device,
+        causal=bool(opts.get("causal", False)), mode=mode,
+        warmup=max(0, int(opts.get("warmup", 2))), repeats=_positive_int("repeats", opts.get("repeats", 5)),
+        time_budget_s=parse_duration(opts.get("time_budget", "60s")), memory_budget_bytes=budget,
+        refine=float(refine_prec) if refine_prec is not None else None, seed=int(opts.get("seed", 0)),
+        knobs={k: v for k, v in (knobs or {}).items() if v is not None}, preset=name,
+    )
+    need = spec.input_bytes(spec.lengths[0])
+    if need > budget:
+        raise UsageError(f"--memory-budget {budget} bytes cannot hold even the inputs q, k, v at "
+                         f"T = {spec.lengths[0]} ({need} bytes)")
+    return spec

@@ -1,0 +1,138 @@
+"""One sweep point, measured inside its own child process (DESIGN.md, steps 2-3).
+
+Inputs are made and the method built before any clock; warm-up passes run first; peak memory is taken in
+a pass of its own; then the timed passes, synchronized on CUDA. Any failure becomes a status, never an
+exception that escapes the child.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+import traceback
+
+import torch
+
+from racebench.bench import memory
+from racebench.bench.spec import SweepSpec
+from racebench.errors import UnavailableError, UnsupportedError
+from racebench.methods.registry import BuildConfig, get_method
+
+# Test hook: a method name that kills its own child with a signal, to test the engine's handling.
+_TEST_CRASH = "__crash__"
+
+
+def point_row(spec: SweepSpec, method: str, T: int, **fields) -> dict:
+    """The result row skeleton: identity of the point plus its status fields."""
+    row = dict(method=method, device=spec.device, dtype=spec.dtype, B=spec.B, H=spec.H, T=T, D=spec.D,
+               causal=spec.causal, mode=spec.mode, input_bytes=spec.input_bytes(T),
+               floor_bytes=spec.floor_bytes(T), repeats=0)
+    row.update(effective_knobs(spec, method))
+    row.update(fields)
+    return row
+
+
+def effective_knobs(spec: SweepSpec, method: str) -> dict:
+    if method == _TEST_CRASH:
+        return {}
+    m = get_method(method)
+    cfg = BuildConfig(spec.B, spec.H, 1, spec.D, spec.torch_dtype, spec.device, spec.causal, spec.seed, spec.knobs)
+    return m.effective_knobs(cfg)
+
+
+def _make_pass(fn, q, k, v, mode, sync):
+    """A function running one pass and returning (seconds of its timed part, output)."""
+
+    def run():
+        q.grad = k.grad = v.grad = None
+        if mode == "fwd":
+            sync()
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                out = fn(q, k, v)
+            sync()
+            return time.perf_counter() - t0, out
+        if mode == "bwd":
+            out = fn(q, k, v)
+            loss = out.float().sum()
+            sync()
+            t0 = time.perf_counter()
+            loss.backward()
+        else:
+            sync()
+            t0 = time.perf_counter()
+            out = fn(q, k, v)
+            out.float().sum().backward()  # the published protocol's loss
+        sync()
+        return time.perf_counter() - t0, out
+
+    return run
+
+
+def _finite(*tensors) -> bool:
+    return all(t is None or bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def measure_point(spec: SweepSpec, method: str, T: int) -> dict:
+    """Run one point in this process; returns its row."""
+    start = time.perf_counter()
+    if method == _TEST_CRASH:
+        os.kill(os.getpid(), 9)
+    m = get_method(method)
+    try:
+        m.check(spec.device, spec.torch_dtype, spec.causal)
+    except (UnsupportedError, UnavailableError) as exc:
+        return point_row(spec, method, T, status="unsupported", error=str(exc))
+    mem = memory.for_device(spec.device, spec.memory_budget_bytes)
+    row = point_row(spec, method, T, impl=m.impl(spec.device), threads=torch.get_num_threads())
+    try:
+        mem.cap()
+        before_inputs = mem.current()
+        gen = torch.Generator(device=spec.device).manual_seed(spec.seed + T)
+        q, k, v = (torch.randn(spec.B, spec.H, T, spec.D, generator=gen, device=spec.device,
+                               dtype=spec.torch_dtype).requires_grad_(spec.mode != "fwd") for _ in range(3))
+        fn = m.build(BuildConfig(spec.B, spec.H, T, spec.D, spec.torch_dtype, spec.device, spec.causal,
+                                 spec.seed, spec.knobs))
+        mem.sync()
+        with_inputs = mem.current()
+        run = _make_pass(fn, q, k, v, spec.mode, mem.sync)
+
+        first, out = run()  # the first warm-up pass also checks the numbers
+        if not _finite(out, q.grad, k.grad, v.grad):
+            return row | dict(status="nonfinite", error="output or gradients hold NaN or Inf")
+        del out
+        passes_left = max(spec.warmup - 1, 0) + 1 + spec.repeats
+        elapsed = time.perf_counter() - start
+        if elapsed + first * passes_left > spec.time_budget_s:
+            return row | dict(status="timeout", time_ms=first * 1e3, error=(
+                f"one pass took {first:.3g} s; {passes_left} more would exceed the "
+                f"{spec.time_budget_s:g} s budget"))
+        for _ in range(spec.warmup - 1):
+            run()
+
+        q.grad = k.grad = v.grad = None
+        mem.reset_peak()
+        _, out = run()
+        peak = mem.peak()
+        del out
+
+        times = [run()[0] for _ in range(spec.repeats)]
+    except Exception as exc:  # every failure is data
+        if memory.is_oom(exc):
+            return row | dict(status="oom", error=str(exc).splitlines()[0][:300])
+        return row | dict(status="error", error=f"{type(exc).__name__}: {exc}".splitlines()[0][:300],
+                          traceback=traceback.format_exc()[-2000:])
+    median = statistics.median(times)
+    return row | dict(
+        status="ok", time_ms=median * 1e3, time_ms_min=min(times) * 1e3, time_ms_max=max(times) * 1e3,
+        repeats=len(times), tokens_per_s=spec.B * T / median,
+        peak_mem_bytes=peak - before_inputs, peak_mem_over_inputs_bytes=peak - with_inputs,
+    )
+
+
+def child_main(conn, spec_dict: dict, method: str, T: int) -> None:
+    """Entry point of the child process: measure, send the row, exit."""
+    row = measure_point(SweepSpec.from_dict(spec_dict), method, T)
+    conn.send(row)
+    conn.close()

@@ -1,0 +1,1 @@
+"""Results: the append-only point log, the tidy table, run metadata."""

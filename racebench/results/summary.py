@@ -1,0 +1,37 @@
+"""Per-method summaries of a results table: the largest length completed and the threshold."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+FAIL_CAUSES = {"oom": "OOM", "timeout": "time-out"}
+
+
+def thresholds(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per (method, device, dtype, causal): largest completed T with its time and peak memory,
+    and the smallest T that failed with its cause (OOM, time-out, or a time-out predicted and skipped)."""
+    rows = []
+    keys = [k for k in ("method", "device", "dtype", "causal", "mode") if k in df]
+    for key, g in df.groupby(keys, sort=False, dropna=False):
+        ok = g[g.status == "ok"].sort_values("T")
+        fails = g[g.status.isin(["oom", "timeout"])].sort_values("T")
+        predicted = g[(g.status == "skipped") & g.error.fillna("").str.startswith("predicted")].sort_values("T")
+        other = g[g.status.isin(["error", "nonfinite", "unsupported"])].sort_values("T")
+        best = ok.iloc[-1] if len(ok) else None
+        if len(fails):
+            fail_T, cause = fails.iloc[0]["T"], FAIL_CAUSES[fails.iloc[0].status]
+        elif len(predicted):
+            fail_T, cause = predicted.iloc[0]["T"], "time-out (predicted)"
+        elif len(other):
+            fail_T, cause = other.iloc[0]["T"], other.iloc[0].status
+        else:
+            fail_T, cause = None, None
+        rows.append(dict(zip(keys, key)) | dict(
+            max_ok_T=None if best is None else int(best["T"]),
+            time_ms=None if best is None else best["time_ms"],
+            peak_mem_bytes=None if best is None else best["peak_mem_bytes"],
+            floor_bytes=None if best is None else best["floor_bytes"],
+            fail_T=None if fail_T is None else int(fail_T), cause=cause,
+            error=None if fail_T is None else g[g["T"] == fail_T].iloc[0]["error"],
+        ))
+    return pd.DataFrame(rows)

@@ -1,0 +1,131 @@
+"""The sweep engine at tiny sizes: statuses, isolation, budgets, resume, the results schema."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from racebench.bench.environment import collect_environment
+from racebench.bench.runner import run_child, run_sweep
+from racebench.bench.spec import build_spec
+from racebench.results.store import COLUMNS, load_run
+from racebench.results.summary import thresholds
+
+SMALL = dict(heads="1", head_dim="16", warmup="1", repeats="2")
+
+
+def spec(**kw):
+    return build_spec(**(SMALL | kw))
+
+
+def test_ok_points_and_results_schema(tmp_path):
+    s = spec(methods="race,linformer", lengths="64,256", causal=True, time_budget="60s")
+    run_sweep(s, tmp_path / "run")
+    meta, df = load_run(tmp_path / "run")
+    assert list(df.columns[: len(COLUMNS)]) == list(COLUMNS)
+    race = df[df.method == "race"]
+    assert list(race.status) == ["ok", "ok"]
+    assert (race.time_ms > 0).all() and (race.time_ms_min <= race.time_ms).all()
+    assert (race.time_ms <= race.time_ms_max).all() and (race.repeats == 2).all()
+    assert (race.peak_mem_bytes > 0).all() and (race.floor_bytes == 7 * race["T"] * 16 * 4).all()
+    assert (race.race_P == 3).all() and (race.race_normalize == "paper").all()
+    assert list(df[df.method == "linformer"].status) == ["unsupported"] * 2
+    assert "no causal variant" in df[df.method == "linformer"].error.iloc[0]
+    for key in ("schema_version", "racebench_version", "git_sha", "torch", "cpu", "cpu_cores", "ram_bytes",
+                "hostname", "utc_time"):
+        assert key in meta["environment"]
+    assert meta["spec"]["lengths"] == [64, 256]
+    assert len((tmp_path / "run" / "points.jsonl").read_text().splitlines()) == 4
+
+
+def test_oom_stops_longer_lengths(tmp_path):
+    # softmax-naive's T x T scores need 4 * T^2 bytes per head: 1 GiB at 16K, far over a 96 MiB budget.
+    s = spec(methods="softmax-naive", lengths="256,16K,32K", memory_budget="96MiB", time_budget="60s")
+    run_sweep(s, tmp_path / "run")
+    _, df = load_run(tmp_path / "run")
+    assert list(df.status) == ["ok", "oom", "skipped"]
+    assert "can't allocate memory" in df.error.iloc[1]
+    assert "oom at T = 16384" in df.error.iloc[2]
+    t = thresholds(df).iloc[0]
+    assert (t.max_ok_T, t.fail_T, t.cause) == (256, 16384, "OOM")
+
+
+def test_timeout_with_tiny_time_budget(tmp_path):
+    s = spec(methods="angular", lengths="16K", time_budget="1s", heads="4", head_dim="64")
+    run_sweep(s, tmp_path / "run")
+    _, df = load_run(tmp_path / "run")
+    assert df.status.tolist() == ["timeout"]
+
+
+def test_predicted_timeout_is_skipped_without_running(tmp_path):
+    calls = []
+
+    def fake(spec_, method, T):
+        calls.append(T)
+        return {"method": method, "T": T, "status": "ok", "time_ms": T * T / 1e3, "device": "cpu", "dtype": "fp32",
+                "B": 1, "H": 1, "D": 16, "causal": False, "mode": "fwd+bwd", "floor_bytes": 1, "peak_mem_bytes": 1}
+
+    s = spec(methods="flash", lengths="1K,2K,4K,8K", time_budget="20s")
+    run_sweep(s, tmp_path / "run", measure=fake)
+    _, df = load_run(tmp_path / "run")
+    # 1K: 1.05 s per pass; quadratic growth predicts 16.8 s per pass at 4K, x 4 passes > 20 s.
+    assert calls == [1024, 2048]
+    assert df.status.tolist() == ["ok", "ok", "skipped", "skipped"]
+    assert df.error.iloc[2].startswith("predicted 16.8 s per pass")
+
+
+def test_child_killed_by_signal_is_recorded():
+    row = run_child(spec(methods="race", lengths="64"), "__crash__", 64)
+    assert row["status"] == "error" and "SIGKILL" in row["error"]
+
+
+def test_resume_skips_finished_points(tmp_path):
+    s = spec(methods="race,linear", lengths="64,128", time_budget="60s")
+    measured = []
+
+    def interrupted(spec_, method, T):
+        if len(measured) == 2:
+            raise KeyboardInterrupt
+        measured.append((method, T))
+        return run_child(spec_, method, T)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(s, tmp_path / "run", measure=interrupted)
+    _, partial = load_run(tmp_path / "run")
+    assert len(partial) == 2  # results.csv written even on interrupt
+
+    resumed = []
+    run_sweep(s, tmp_path / "run", resume=True,
+              measure=lambda sp, m, T: resumed.append((m, T)) or run_child(sp, m, T))
+    assert resumed == [("linear", 64), ("linear", 128)]
+    _, df = load_run(tmp_path / "run")
+    assert sorted(zip(df.method, df["T"])) == [("linear", 64), ("linear", 128), ("race", 64), ("race", 128)]
+    assert (df.status == "ok").all()
+
+
+def test_refine_bisects_the_threshold(tmp_path):
+    def fake(spec_, method, T):
+        status = "ok" if T <= 5000 else "oom"
+        return {"method": method, "T": T, "status": status, "time_ms": 1.0, "device": "cpu", "dtype": "fp32",
+                "B": 1, "H": 1, "D": 16, "causal": False, "mode": "fwd+bwd"}
+
+    s = spec(methods="race", lengths="1K,2K,4K,8K,16K", refine=0.05)
+    run_sweep(s, tmp_path / "run", measure=fake)
+    _, df = load_run(tmp_path / "run")
+    t = thresholds(df).iloc[0]
+    assert t.max_ok_T <= 5000 < t.fail_T and t.fail_T / t.max_ok_T - 1 <= 0.05
+    assert df[df.refine.astype(bool)].shape[0] >= 3
+    assert df[df["T"] == 16384].status.item() == "skipped"
+
+
+def test_existing_run_is_not_overwritten(tmp_path):
+    s = spec(methods="race", lengths="64")
+    run_sweep(s, tmp_path / "run")
+    from racebench.errors import UsageError
+    with pytest.raises(UsageError, match="--resume"):
+        run_sweep(s, tmp_path / "run")
+
+
+def test_environment_is_json_ready():
+    json.dumps(collect_environment())
+    assert isinstance(pd.DataFrame, type)
