@@ -139,3 +139,100 @@ def env() -> None:
     from racebench.views.tables import environment_table
 
     console.print(environment_table(collect_environment()))
+
+
+def _runs(runs: list[Path] | None) -> list[tuple[dict, object]]:
+    from racebench import api
+    from racebench.results.store import load_run
+
+    return [load_run(p) for p in (runs or [api.latest_run()])]
+
+
+@app.command()
+@user_errors
+def plot(
+    runs: Annotated[list[Path] | None, typer.Argument(help="Run folders (default: the latest run). Several "
+                                                        "runs share one figure, told apart by device.")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="png, svg or pdf.")] = "png",
+    out: Annotated[Path | None, typer.Option(help="Folder for the figures (default plots/<run-id>).")] = None,
+) -> None:
+    """Draw time and peak memory against context length, the largest context per method and the speedup
+    over flash."""
+    from racebench.views.plots import FORMATS, save_figures
+
+    if fmt not in FORMATS:
+        raise UsageError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    frames = _runs(runs)
+    out = out or Path("plots") / "+".join(meta["run_id"] for meta, _ in frames)
+    for path in save_figures(frames, out, fmt):
+        console.print(f"wrote {path}")
+
+
+@app.command()
+@user_errors
+def report(
+    run: Annotated[Path | None, typer.Argument(help="Run folder (default: the latest run).")] = None,
+    markdown: Annotated[Path | None, typer.Option(help="Write the report as markdown to this file.")] = None,
+    at: Annotated[str | None, typer.Option(help="Comma-separated lengths to show time and memory at "
+                                              "(default: flash's largest and the longest completed).")] = None,
+) -> None:
+    """Summarize a run: per method the largest length completed, the threshold and its cause, time, speedup
+    over flash and peak memory against the floor; and the run's environment."""
+    from rich.table import Table
+
+    from racebench.bench.units import parse_lengths
+    from racebench.views.report import default_lengths, summary_frame, to_markdown
+    from racebench.views.tables import environment_table
+
+    meta, df = _runs([run] if run else None)[0]
+    lengths = parse_lengths(at) if at else default_lengths(df)
+    if markdown:
+        markdown.write_text(to_markdown(meta, df, lengths))
+        console.print(f"wrote {markdown}")
+        return
+    summary = summary_frame(df, lengths)
+    table = Table(title=f"racebench run {meta['run_id']}: {meta.get('command', '')}", title_justify="left")
+    for col in summary.columns:
+        table.add_column(str(col))
+    for row in summary.itertuples(index=False):
+        table.add_row(*map(str, row))
+    console.print(table)
+    console.print(environment_table(meta["environment"]))
+
+
+@app.command()
+@user_errors
+def compare(
+    baseline: Annotated[Path, typer.Argument(help="Run folder of the baseline.")],
+    candidate: Annotated[Path, typer.Argument(help="Run folder of the candidate.")],
+    max_slowdown: Annotated[str, typer.Option(help="Largest tolerated slowdown per point, e.g. 10%.")] = "10%",
+    max_memory_growth: Annotated[str, typer.Option(help="Largest tolerated peak-memory growth, e.g. 5%.")] = "5%",
+) -> None:
+    """Gate a candidate run against a baseline: exit 1 when a matched point got slower or bigger beyond the
+    limits, or a length that completed in the baseline now fails; else exit 0."""
+    from rich.table import Table
+
+    from racebench.bench.units import parse_bytes
+    from racebench.results.compare import compare_runs
+    from racebench.results.store import load_run
+
+    limits = [parse_bytes(x, total=10**6) / 10**6 for x in (max_slowdown, max_memory_growth)]
+    if not all(x.strip().endswith("%") for x in (max_slowdown, max_memory_growth)):
+        raise UsageError("--max-slowdown and --max-memory-growth are percentages, e.g. 10%")
+    (_, base), (_, cand) = load_run(baseline), load_run(candidate)
+    table_df, failures = compare_runs(base, cand, max_slowdown=limits[0], max_memory_growth=limits[1])
+    if table_df.empty:
+        raise UsageError("the two runs share no point (method, knobs, shape, dtype, device and length)")
+    table = Table(title=f"{candidate} against {baseline}", title_justify="left")
+    for col in ("method", "T", "status", "time ratio", "memory ratio", "verdict"):
+        table.add_column(col)
+    for r in table_df.itertuples():
+        style = "green" if r.verdict == "ok" else "red"
+        table.add_row(r.method, str(r.T), f"{r.status_base} -> {r.status_cand}", f"{r.time_ratio:.2f}x",
+                      f"{r.mem_ratio:.2f}x", f"[{style}]{r.verdict}[/]")
+    console.print(table)
+    if failures:
+        for f in failures:
+            err_console.print(f"[red]regression:[/] {f}", highlight=False)
+        raise typer.Exit(1)
+    console.print("[green]no regression[/]")

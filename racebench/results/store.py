@@ -100,10 +100,8 @@ def load_run(path: Path | str) -> tuple[dict, pd.DataFrame]:
     """run.json and the results table of a run folder; refuses other schemas and missing columns."""
     path = Path(path)
     meta = load_meta(path)
-    if (path / "results.csv").exists():
-        df = pd.read_csv(path / "results.csv")
-    else:
-        df = tidy(RunStore(path).rows())
+    csv = path / "results.csv"
+    df = pd.read_csv(csv) if csv.exists() else tidy(RunStore(path).rows())
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:
         raise UsageError(f"{path}: results lack required columns {', '.join(missing)}")

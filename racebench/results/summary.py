@@ -15,7 +15,7 @@ def thresholds(df: pd.DataFrame) -> pd.DataFrame:
     for key, g in df.groupby(keys, sort=False, dropna=False):
         ok = g[g.status == "ok"].sort_values("T")
         fails = g[g.status.isin(["oom", "timeout"])].sort_values("T")
-        predicted = g[(g.status == "skipped") & g.error.fillna("").str.startswith("predicted")].sort_values("T")
+        predicted = g[(g.status == "skipped") & g.error.astype(str).str.startswith("predicted")].sort_values("T")
         other = g[g.status.isin(["error", "nonfinite", "unsupported"])].sort_values("T")
         best = ok.iloc[-1] if len(ok) else None
         if len(fails):

@@ -1,0 +1,152 @@
+"""Figures of one or more runs: time and peak memory against context length, largest context, speedup."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from racebench.bench.units import format_bytes, format_length  # noqa: E402
+from racebench.results.summary import thresholds  # noqa: E402
+
+FORMATS = ("png", "svg", "pdf")
+_CAUSE_MARKER = {"OOM": "X", "time-out": "v", "time-out (predicted)": "v"}
+
+
+def growth_exponent(ok: pd.DataFrame) -> float | None:
+    """Slope of log time against log T over the longer half of the completed lengths, where fixed overheads
+    no longer dominate (about 1 for linear methods, about 2 for softmax)."""
+    ok = ok.sort_values("T")
+    ok = ok[ok["T"] >= ok["T"].max() / 64]
+    if len(ok) < 2:
+        return None
+    return float(np.polyfit(np.log(ok["T"].astype(float)), np.log(ok["time_ms"].astype(float)), 1)[0])
+
+
+def _label(row_key: tuple, several_devices: bool) -> str:
+    method, device = row_key
+    return f"{method} ({device})" if several_devices else method
+
+
+def _title(what: str, df: pd.DataFrame) -> str:
+    parts = []
+    for col, fmt in (("device", "{}"), ("dtype", "{}"), ("B", "B={}"), ("H", "H={}"), ("D", "D={}"),
+                     ("causal", "{}"), ("mode", "{}")):
+        values = sorted({str(v) for v in df[col].dropna()})
+        if col == "causal":
+            values = ["causal" if v == "True" else "non-causal" for v in values]
+        parts.append(fmt.format("/".join(values)))
+    return f"{what}\n" + ", ".join(parts)
+
+
+def _style(ax, xlabel="context length T (tokens)"):
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: format_length(x)))
+
+
+def time_figure(df: pd.DataFrame):
+    fig, ax = plt.subplots(figsize=(8, 5.5), layout="constrained")
+    several = df.device.nunique() > 1
+    th = thresholds(df).set_index(["method", "device"])
+    for key, g in df.groupby(["method", "device"], sort=False):
+        ok = g[g.status == "ok"].sort_values("T")
+        if ok.empty:
+            continue
+        k = growth_exponent(ok)
+        label = _label(key, several) + (f"  (T^{k:.2f})" if k is not None else "")
+        (line,) = ax.plot(ok["T"], ok["time_ms"] / 1e3, marker="o", ms=4, label=label)
+        t = th.loc[key] if key in th.index else None
+        if t is not None and isinstance(t.get("cause"), str) and t.cause in _CAUSE_MARKER and pd.notna(t.fail_T):
+            y = ok["time_ms"].iloc[-1] / 1e3
+            ax.plot([t.fail_T], [y], marker=_CAUSE_MARKER[t.cause], ms=11, color=line.get_color(), ls="none",
+                    gid=f"threshold:{key[0]}:{t.cause}")
+            ax.annotate(t.cause, (t.fail_T, y), textcoords="offset points", xytext=(6, 4), fontsize=8,
+                        color=line.get_color())
+    ax.set_ylabel("time per forward+backward pass (s)" if "fwd+bwd" in set(df["mode"]) else "time per pass (s)")
+    ax.set_title(_title("Time against context length", df))
+    ax.legend(fontsize=8, loc="upper left")
+    _style(ax)
+    return fig
+
+
+def memory_figure(df: pd.DataFrame, budgets: dict[str, int]):
+    fig, ax = plt.subplots(figsize=(8, 5.5), layout="constrained")
+    several = df.device.nunique() > 1
+    for key, g in df.groupby(["method", "device"], sort=False):
+        ok = g[(g.status == "ok") & g.peak_mem_bytes.notna()].sort_values("T")
+        if not ok.empty:
+            ax.plot(ok["T"], ok["peak_mem_bytes"] / 2**30, marker="o", ms=4, label=_label(key, several))
+    floor = df[["T", "floor_bytes"]].dropna().drop_duplicates("T").sort_values("T")
+    if not floor.empty:
+        ax.plot(floor["T"], floor["floor_bytes"] / 2**30, "k--", lw=1.5, label="floor: q, k, v, o, dq, dk, dv",
+                gid="floor")
+    for device, budget in budgets.items():
+        ax.axhline(budget / 2**30, color="red", lw=1, ls=":", gid=f"budget:{device}")
+        ax.annotate(f"memory budget ({device}): {format_bytes(budget)}", (0.01, budget / 2**30),
+                    xycoords=("axes fraction", "data"), fontsize=8, color="red", va="bottom")
+    ax.set_ylabel("peak memory, inputs included (GiB)")
+    ax.set_title(_title("Peak memory against context length", df))
+    ax.legend(fontsize=8, loc="upper left")
+    _style(ax)
+    return fig
+
+
+def context_figure(df: pd.DataFrame):
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5), layout="constrained")
+    several = df.device.nunique() > 1
+    th = thresholds(df).dropna(subset=["max_ok_T"]).sort_values("max_ok_T")
+    labels = [_label((r.method, r.device), several) for r in th.itertuples()]
+    bars = left.barh(labels, th.max_ok_T.astype(float))
+    for bar, r in zip(bars, th.itertuples()):
+        cause = f"  {format_length(r.max_ok_T)}" + (f" (next: {r.cause})" if isinstance(r.cause, str) else "")
+        left.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, cause, va="center", fontsize=8)
+    left.set_xscale("log", base=2)
+    left.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: format_length(x)))
+    left.set_xlabel("largest context completed (tokens)")
+    left.set_title("Largest context completed")
+    ok = df[df.status == "ok"]
+    for device, g in ok.groupby("device"):
+        flash = g[g.method == "flash"].set_index("T")["time_ms"]
+        for method, m in g[g.method != "flash"].groupby("method", sort=False):
+            m = m.set_index("T")["time_ms"]
+            common = m.index.intersection(flash.index).sort_values()
+            if len(common):
+                right.plot(common, flash[common] / m[common], marker="o", ms=4, label=_label((method, device), several))
+    right.axhline(1, color="k", lw=1)
+    right.set_ylabel("speedup over flash (flash time / method time)")
+    right.set_title("Speedup over flash at each length")
+    _style(right)
+    if right.lines[:-1]:
+        right.legend(fontsize=8)
+    fig.suptitle(_title("Context and speed", df).replace("\n", ": ", 1).replace("Context and speed: ", ""), fontsize=10)
+    return fig
+
+
+def make_figures(frames: list[tuple[dict, pd.DataFrame]]) -> dict[str, plt.Figure]:
+    if len({meta["spec"]["device"] for meta, _ in frames}) < len(frames):
+        # Runs on the same device are told apart by run id.
+        frames = [(meta, f.assign(device=f.device + ":" + meta["run_id"])) for meta, f in frames]
+    df = pd.concat([f for _, f in frames], ignore_index=True)
+    budgets = {}
+    for meta, f in frames:
+        budgets[f.device.iloc[0] if len(f) else meta["spec"]["device"]] = meta["spec"]["memory_budget_bytes"]
+    return {"time": time_figure(df), "memory": memory_figure(df, budgets), "context": context_figure(df)}
+
+
+def save_figures(frames: list[tuple[dict, pd.DataFrame]], out_dir: Path, fmt: str = "png") -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, fig in make_figures(frames).items():
+        path = out_dir / f"{name}.{fmt}"
+        fig.savefig(path, dpi=130)
+        plt.close(fig)
+        paths.append(path)
+    return paths

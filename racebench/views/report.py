@@ -1,0 +1,66 @@
+"""Run summaries: a rich view for the terminal and a markdown file."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from racebench.bench.units import format_bytes, format_length, format_ms
+from racebench.results.summary import thresholds
+
+
+def summary_frame(df: pd.DataFrame, lengths: list[int]) -> pd.DataFrame:
+    """Per method: largest T done, threshold, cause; time, speedup over flash and peak / floor at `lengths`."""
+    rows = []
+    ok = df[df.status == "ok"]
+    for t in thresholds(df).itertuples():
+        row = {"method": t.method, "device": t.device, "dtype": t.dtype, "largest T done": format_length(t.max_ok_T),
+               "threshold": format_length(t.fail_T), "cause": t.cause if isinstance(t.cause, str) else "-"}
+        mine = ok[(ok.method == t.method) & (ok.device == t.device)].set_index("T")
+        flash = ok[(ok.method == "flash") & (ok.device == t.device)].set_index("T")
+        for T in lengths:
+            n = format_length(T)
+            if T in mine.index:
+                p = mine.loc[T]
+                row[f"time @{n}"] = format_ms(p.time_ms)
+                row[f"vs flash @{n}"] = f"{flash.loc[T].time_ms / p.time_ms:.2g}x" if T in flash.index else "-"
+                row[f"peak/floor @{n}"] = (f"{p.peak_mem_bytes / p.floor_bytes:.2f}x ({format_bytes(p.peak_mem_bytes)})"
+                                           if pd.notna(p.peak_mem_bytes) else "-")
+            else:
+                row[f"time @{n}"] = row[f"vs flash @{n}"] = row[f"peak/floor @{n}"] = "-"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def default_lengths(df: pd.DataFrame) -> list[int]:
+    """A few lengths worth reading: the largest flash completed, and each power of 4 up to the longest done."""
+    done = sorted(df[df.status == "ok"]["T"].unique())
+    if not done:
+        return []
+    flash = df[(df.method == "flash") & (df.status == "ok")]["T"]
+    picks = {int(flash.max())} if len(flash) else set()
+    picks |= {int(done[-1])}
+    return sorted(picks)
+
+
+def to_markdown(meta: dict, df: pd.DataFrame, lengths: list[int]) -> str:
+    table = summary_frame(df, lengths)
+    env = meta.get("environment", {})
+    spec = meta.get("spec", {})
+    lines = [f"# racebench run {meta.get('run_id', '')}", "",
+             f"Command: `{meta.get('command', '')}`", "",
+             f"Shape: B={spec.get('B')}, H={spec.get('H')}, D={spec.get('D')}, {spec.get('dtype')}, "
+             f"{'causal' if spec.get('causal') else 'non-causal'}, {spec.get('mode')}; time budget "
+             f" {spec.get('time_budget_s')} s, memory budget {format_bytes(spec.get('memory_budget_bytes'))}",
+             "", _markdown_table(table), "", "## Environment", "",
+             "| key | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in env.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _markdown_table(df: pd.DataFrame) -> str:
+    if df.empty:
+        return "(no points)"
+    head = "| " + " | ".join(df.columns) + " |"
+    rule = "|" + "---|" * len(df.columns)
+    body = ["| " + " | ".join(str(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join([head, rule, *body])

@@ -1,0 +1,147 @@
+"""plot, report and compare on small fixture runs: matplotlib objects and exit codes, not pixels."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from racebench.bench.runner import run_sweep
+from racebench.bench.spec import build_spec
+from racebench.cli import app
+from racebench.results.store import load_run
+from racebench.views.plots import growth_exponent, make_figures
+
+runner = CliRunner()
+ENV = {"COLUMNS": "200"}
+
+
+def fixture_run(path, *, scale=1.0, mem_scale=1.0, race_fails_at=None):
+    """A run whose points come from a model of each method (linear or quadratic time), not a measurement."""
+    def model(spec, method, T):
+        quadratic = method == "flash"
+        status = "ok"
+        if quadratic and T > 4096:
+            status = "timeout"
+        if method == "race" and race_fails_at and race_fails_at <= T:
+            status = "oom"
+        floor = 7 * 4 * T * 16 * 4
+        return {"method": method, "T": T, "status": status, "device": "cpu", "dtype": "fp32", "B": 1, "H": 4,
+                "D": 16, "causal": False, "mode": "fwd+bwd", "floor_bytes": floor,
+                "time_ms": scale * (T * T / 1e5 if quadratic else T / 100), "repeats": 5,
+                "peak_mem_bytes": mem_scale * floor * (1.1 if method == "race" else 3.0),
+                "error": None if status == "ok" else f"{status} here"}
+
+    spec = build_spec(methods="race,flash,linear", lengths="1K,2K,4K,8K,16K", heads="4", head_dim="16",
+                      time_budget="1h", memory_budget="1GiB")
+    run_sweep(spec, path, measure=model)
+    return path
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    return fixture_run(tmp_path / "base")
+
+
+def test_growth_exponent_is_one_for_linear_and_two_for_quadratic(run_dir):
+    _, df = load_run(run_dir)
+    assert growth_exponent(df[(df.method == "race") & (df.status == "ok")]) == pytest.approx(1.0)
+    assert growth_exponent(df[(df.method == "flash") & (df.status == "ok")]) == pytest.approx(2.0)
+
+
+def test_figures_are_labelled_and_mark_thresholds(run_dir):
+    figs = make_figures([load_run(run_dir)])
+    ax = figs["time"].axes[0]
+    assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
+    assert "context length" in ax.get_xlabel() and "time" in ax.get_ylabel()
+    assert "cpu" in ax.get_title() and "B=1" in ax.get_title() and "non-causal" in ax.get_title()
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert any(t.startswith("race") and "T^1.00" in t for t in legend)
+    assert any(t.startswith("flash") and "T^2.00" in t for t in legend)
+    marks = [line.get_gid() for line in ax.lines if line.get_gid()]
+    assert "threshold:flash:time-out" in marks
+    assert any(t.get_text() == "time-out" for t in ax.texts)
+    mem = figs["memory"].axes[0]
+    gids = {line.get_gid() for line in mem.lines}
+    assert "floor" in gids and "budget:cpu" in gids
+    left, right = figs["context"].axes
+    assert "largest context" in left.get_xlabel() and "speedup over flash" in right.get_ylabel()
+
+
+def test_plot_command_writes_files(run_dir, tmp_path):
+    result = runner.invoke(app, ["plot", str(run_dir), "--out", str(tmp_path / "p"), "--format", "svg"], env=ENV)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["context.svg", "memory.svg", "time.svg"]
+
+
+def test_plot_two_runs_share_a_figure(run_dir, tmp_path):
+    other = fixture_run(tmp_path / "other")
+    result = runner.invoke(app, ["plot", str(run_dir), str(other), "--out", str(tmp_path / "p")], env=ENV)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "p" / "time.png").stat().st_size > 0
+
+
+def test_report_markdown(run_dir, tmp_path):
+    md = tmp_path / "report.md"
+    result = runner.invoke(app, ["report", str(run_dir), "--markdown", str(md), "--at", "4K"], env=ENV)
+    assert result.exit_code == 0, result.output
+    text = md.read_text()
+    assert "| race | cpu | fp32 | 2^14 |" in text  # largest length completed
+    assert "| flash | cpu | fp32 | 2^12 | 2^13 | time-out |" in text
+    assert "## Environment" in text and "torch" in text
+
+
+def test_report_terminal(run_dir):
+    result = runner.invoke(app, ["report", str(run_dir)], env=ENV)
+    assert result.exit_code == 0 and "largest T done" in result.output and "Environment" in result.output
+
+
+def test_compare_passes_an_unchanged_run(run_dir, tmp_path):
+    same = fixture_run(tmp_path / "same")
+    result = runner.invoke(app, ["compare", str(run_dir), str(same)], env=ENV)
+    assert result.exit_code == 0, result.output
+    assert "no regression" in result.output
+
+
+def test_compare_flags_a_slowdown(run_dir, tmp_path):
+    slow = fixture_run(tmp_path / "slow", scale=1.2)
+    result = runner.invoke(app, ["compare", str(run_dir), str(slow), "--max-slowdown", "10%"], env=ENV)
+    assert result.exit_code == 1 and "1.20x the baseline time" in result.output
+
+
+def test_compare_accepts_an_improvement(run_dir, tmp_path):
+    fast = fixture_run(tmp_path / "fast", scale=0.5, mem_scale=0.5)
+    assert runner.invoke(app, ["compare", str(run_dir), str(fast)], env=ENV).exit_code == 0
+
+
+def test_compare_flags_memory_growth(run_dir, tmp_path):
+    big = fixture_run(tmp_path / "big", mem_scale=1.2)
+    result = runner.invoke(app, ["compare", str(run_dir), str(big), "--max-memory-growth", "5%"], env=ENV)
+    assert result.exit_code == 1 and "peak memory" in result.output
+
+
+def test_compare_flags_a_threshold_drop(run_dir, tmp_path):
+    worse = fixture_run(tmp_path / "worse", race_fails_at=8192)
+    result = runner.invoke(app, ["compare", str(run_dir), str(worse)], env=ENV)
+    assert result.exit_code == 1 and "race T=8192: completed in the baseline, now oom" in result.output
+
+
+def test_other_schema_is_refused(run_dir):
+    meta = json.loads((run_dir / "run.json").read_text())
+    meta["environment"]["schema_version"] = 99
+    (run_dir / "run.json").write_text(json.dumps(meta))
+    result = runner.invoke(app, ["report", str(run_dir)], env=ENV)
+    assert result.exit_code == 2 and "schema version 99" in result.output
+
+
+def test_missing_required_columns_are_refused(run_dir):
+    (run_dir / "results.csv").write_text("method,T\nrace,1024\n")
+    result = runner.invoke(app, ["plot", str(run_dir)], env=ENV)
+    assert result.exit_code == 2 and "lack required columns" in result.output
+
+
+def test_missing_optional_columns_are_tolerated(run_dir, tmp_path):
+    import pandas as pd
+    df = pd.read_csv(run_dir / "results.csv").drop(columns=["tokens_per_s", "threads", "impl", "race_beta"])
+    df.to_csv(run_dir / "results.csv", index=False)
+    result = runner.invoke(app, ["report", str(run_dir)], env=ENV)
+    assert result.exit_code == 0, result.output
