@@ -5,6 +5,7 @@
 Error = ||race - angular|| / ||angular - mean(v)||: the estimate's error relative to how far exact attention
 moves away from uniform averaging (the signal). Inputs: B=1, H=4, T=1024, D=128, q and k drawn around 16
 shared cluster centres (unit-variance centres, noise 0.5), v standard normal; P = 3; mean over 3 seeds.
+Twice: as drawn (|q|, |k| about 12), and scaled to unit length.
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ def clustered(gen, centres):
     return (centres[idx] + 0.5 * torch.randn(H, T, D, generator=gen, dtype=torch.float64))[None]
 
 
-def error(beta: float, L: int, seed: int) -> float:
+def error(beta: float, L: int, seed: int, unit: bool) -> float:
     gen = torch.Generator().manual_seed(seed)
     centres = torch.randn(16, D, generator=gen, dtype=torch.float64)
     q, k = clustered(gen, centres), clustered(gen, centres)
+    if unit:  # same directions, unit length: tanh(W x) no longer saturates
+        q, k = q / q.norm(dim=-1, keepdim=True), k / k.norm(dim=-1, keepdim=True)
     v = torch.randn(1, H, T, D, generator=gen, dtype=torch.float64)
     exact = angular_attention(q, k, v, gamma=P, eps=0)
     est = race_attention(q, k, v, make_planes(L, P, D, seed=seed + 1000).double(), beta=beta, eps=0)
@@ -35,10 +38,11 @@ def error(beta: float, L: int, seed: int) -> float:
 
 
 def main() -> None:
-    print("| beta \\ L | " + " | ".join(str(L) for L in LS) + " |")
-    print("|---|" + "---|" * len(LS))
+    head = " | ".join(f"{kind} L={L}" for kind in ("raw", "unit") for L in LS)
+    print(f"| beta | {head} |")
+    print("|---|" + "---|" * (2 * len(LS)))
     for beta in BETAS:
-        cells = [sum(error(beta, L, s) for s in range(3)) / 3 for L in LS]
+        cells = [sum(error(beta, L, s, unit) for s in range(3)) / 3 for unit in (False, True) for L in LS]
         print(f"| {beta:g} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
 
 

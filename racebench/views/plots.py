@@ -28,6 +28,22 @@ def growth_exponent(ok: pd.DataFrame) -> float | None:
     return float(np.polyfit(np.log(ok["T"].astype(float)), np.log(ok["time_ms"].astype(float)), 1)[0])
 
 
+def _colors(df: pd.DataFrame) -> dict:
+    """One colour per (method, device), the same in every panel."""
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    keys = list(dict.fromkeys(zip(df.method, df.device)))
+    return {key: cycle[i % len(cycle)] for i, key in enumerate(keys)}
+
+
+def _threshold_y(g: pd.DataFrame, T: int, ok: pd.DataFrame) -> float:
+    """Where to draw a threshold: the failed point's measured first pass or predicted time, else the last done."""
+    row = g[g["T"] == T].iloc[0]
+    for col in ("time_ms", "predicted_ms"):
+        if col in row and pd.notna(row[col]):
+            return row[col] / 1e3
+    return ok["time_ms"].iloc[-1] / 1e3
+
+
 def _label(row_key: tuple, several_devices: bool) -> str:
     method, device = row_key
     return f"{method} ({device})" if several_devices else method
@@ -56,20 +72,21 @@ def time_figure(df: pd.DataFrame):
     fig, ax = plt.subplots(figsize=(8, 5.5), layout="constrained")
     several = df.device.nunique() > 1
     th = thresholds(df).set_index(["method", "device"])
+    colors = _colors(df)
     for key, g in df.groupby(["method", "device"], sort=False):
         ok = g[g.status == "ok"].sort_values("T")
         if ok.empty:
             continue
         k = growth_exponent(ok)
         label = _label(key, several) + (f"  (T^{k:.2f})" if k is not None else "")
-        (line,) = ax.plot(ok["T"], ok["time_ms"] / 1e3, marker="o", ms=4, label=label)
+        ax.plot(ok["T"], ok["time_ms"] / 1e3, marker="o", ms=4, label=label, color=colors[key])
         t = th.loc[key] if key in th.index else None
         if t is not None and isinstance(t.get("cause"), str) and t.cause in _CAUSE_MARKER and pd.notna(t.fail_T):
-            y = ok["time_ms"].iloc[-1] / 1e3
-            ax.plot([t.fail_T], [y], marker=_CAUSE_MARKER[t.cause], ms=11, color=line.get_color(), ls="none",
-                    gid=f"threshold:{key[0]}:{t.cause}")
-            ax.annotate(t.cause, (t.fail_T, y), textcoords="offset points", xytext=(6, 4), fontsize=8,
-                        color=line.get_color())
+            y = _threshold_y(g, t.fail_T, ok)
+            ax.plot([t.fail_T], [y], marker=_CAUSE_MARKER[t.cause], ms=11, color=colors[key], ls="none",
+                    mfc="none", mew=2, gid=f"threshold:{key[0]}:{t.cause}")
+            ax.annotate(t.cause, (t.fail_T, y), textcoords="offset points", xytext=(7, -3), fontsize=7,
+                        color=colors[key])
     ax.set_ylabel("time per forward+backward pass (s)" if "fwd+bwd" in set(df["mode"]) else "time per pass (s)")
     ax.set_title(_title("Time against context length", df))
     ax.legend(fontsize=8, loc="upper left")
@@ -80,21 +97,23 @@ def time_figure(df: pd.DataFrame):
 def memory_figure(df: pd.DataFrame, budgets: dict[str, int]):
     fig, ax = plt.subplots(figsize=(8, 5.5), layout="constrained")
     several = df.device.nunique() > 1
+    colors = _colors(df)
     for key, g in df.groupby(["method", "device"], sort=False):
         ok = g[(g.status == "ok") & g.peak_mem_bytes.notna()].sort_values("T")
         if not ok.empty:
-            ax.plot(ok["T"], ok["peak_mem_bytes"] / 2**30, marker="o", ms=4, label=_label(key, several))
+            ax.plot(ok["T"], ok["peak_mem_bytes"] / 2**30, marker="o", ms=4, label=_label(key, several),
+                    color=colors[key])
     floor = df[["T", "floor_bytes"]].dropna().drop_duplicates("T").sort_values("T")
     if not floor.empty:
         ax.plot(floor["T"], floor["floor_bytes"] / 2**30, "k--", lw=1.5, label="floor: q, k, v, o, dq, dk, dv",
                 gid="floor")
     for device, budget in budgets.items():
         ax.axhline(budget / 2**30, color="red", lw=1, ls=":", gid=f"budget:{device}")
-        ax.annotate(f"memory budget ({device}): {format_bytes(budget)}", (0.01, budget / 2**30),
-                    xycoords=("axes fraction", "data"), fontsize=8, color="red", va="bottom")
+        ax.annotate(f"memory budget ({device}): {format_bytes(budget)}", (0.99, budget / 2**30),
+                    xycoords=("axes fraction", "data"), fontsize=8, color="red", va="bottom", ha="right")
     ax.set_ylabel("peak memory, inputs included (GiB)")
     ax.set_title(_title("Peak memory against context length", df))
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="center left")
     _style(ax)
     return fig
 
@@ -104,11 +123,14 @@ def context_figure(df: pd.DataFrame):
     several = df.device.nunique() > 1
     th = thresholds(df).dropna(subset=["max_ok_T"]).sort_values("max_ok_T")
     labels = [_label((r.method, r.device), several) for r in th.itertuples()]
-    bars = left.barh(labels, th.max_ok_T.astype(float))
+    colors = _colors(df)
+    bars = left.barh(labels, th.max_ok_T.astype(float), color=[colors[(r.method, r.device)] for r in th.itertuples()])
     for bar, r in zip(bars, th.itertuples()):
         cause = f"  {format_length(r.max_ok_T)}" + (f" (next: {r.cause})" if isinstance(r.cause, str) else "")
         left.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, cause, va="center", fontsize=8)
     left.set_xscale("log", base=2)
+    if len(th):
+        left.set_xlim(th.max_ok_T.min() / 2, th.max_ok_T.max() * 64)  # room for the labels
     left.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: format_length(x)))
     left.set_xlabel("largest context completed (tokens)")
     left.set_title("Largest context completed")
@@ -119,7 +141,8 @@ def context_figure(df: pd.DataFrame):
             m = m.set_index("T")["time_ms"]
             common = m.index.intersection(flash.index).sort_values()
             if len(common):
-                right.plot(common, flash[common] / m[common], marker="o", ms=4, label=_label((method, device), several))
+                right.plot(common, flash[common] / m[common], marker="o", ms=4, label=_label((method, device), several),
+                           color=colors[(method, device)])
     right.axhline(1, color="k", lw=1)
     right.set_ylabel("speedup over flash (flash time / method time)")
     right.set_title("Speedup over flash at each length")

@@ -49,7 +49,7 @@ def to_markdown(meta: dict, df: pd.DataFrame, lengths: list[int]) -> str:
     lines = [f"# racebench run {meta.get('run_id', '')}", "",
              f"Command: `{meta.get('command', '')}`", "",
              f"Shape: B={spec.get('B')}, H={spec.get('H')}, D={spec.get('D')}, {spec.get('dtype')}, "
-             f"{'causal' if spec.get('causal') else 'non-causal'}, {spec.get('mode')}; time budget "
+             f"{'causal' if spec.get('causal') else 'non-causal'}, {spec.get('mode')}; time budget"
              f" {spec.get('time_budget_s')} s, memory budget {format_bytes(spec.get('memory_budget_bytes'))}",
              "", _markdown_table(table), "", "## Environment", "",
              "| key | value |", "|---|---|"]
