@@ -79,7 +79,9 @@ def test_method_matches_float64_reference(check_close, name, causal, T):
     cfg = BuildConfig(B=2, H=2, T=T, D=D, dtype=torch.float32, causal=causal, seed=torch.seed() % 1000)
     fn = build_method(name, cfg)
     q, k, v = qkv(2, 2, T, D, dtype=torch.float32, scale=0.5)
-    check_close(fn, references(cfg)[name], q, k, v, tol=1e-5)
+    # At T = 1 the output is v up to O(eps) terms, so the q and k gradients are O(eps) and ill-conditioned:
+    # fp32 rounding then differs between any two orderings of the same sums by ~1e-4 of the gradient scale.
+    check_close(fn, references(cfg)[name], q, k, v, tol=1e-5 if T > 1 else 5e-4)
 
 
 def test_registry_names_are_the_documented_ones():

@@ -5,6 +5,7 @@ import json
 import pandas as pd
 import pytest
 
+from racebench.bench import runner
 from racebench.bench.environment import collect_environment
 from racebench.bench.runner import run_child, run_sweep
 from racebench.bench.spec import build_spec
@@ -50,11 +51,20 @@ def test_oom_stops_longer_lengths(tmp_path):
     assert (t.max_ok_T, t.fail_T, t.cause) == (256, 16384, "OOM")
 
 
-def test_timeout_with_tiny_time_budget(tmp_path):
-    s = spec(methods="angular", lengths="16K", time_budget="1s", heads="4", head_dim="64")
+def test_timeout_after_a_first_pass_over_budget(tmp_path):
+    # angular at 4K tokens: a pass takes seconds, far over a 0.2 s budget; the child stops after one pass.
+    s = spec(methods="angular", lengths="4K", time_budget="0.2s", heads="4", head_dim="64")
     run_sweep(s, tmp_path / "run")
     _, df = load_run(tmp_path / "run")
-    assert df.status.tolist() == ["timeout"]
+    assert df.status.tolist() == ["timeout"] and "would exceed the 0.2 s budget" in df.error.item()
+
+
+def test_hung_child_is_killed_at_the_budget(tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "_GRACE_S", 0.0)
+    s = spec(methods="angular", lengths="8K", time_budget="0.5s", heads="4", head_dim="64")
+    row = run_child(s, "angular", 8192)
+    assert row["status"] == "timeout" and "killed after the 0.5 s time budget" in row["error"]
+    assert row["point_wall_s"] < 10
 
 
 def test_predicted_timeout_is_skipped_without_running(tmp_path):
