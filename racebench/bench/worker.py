@@ -1,8 +1,9 @@
 """One sweep point, measured inside its own child process (DESIGN.md, steps 2-3).
 
-Inputs are made and the method built before any clock; warm-up passes run first; peak memory is taken in
-a pass of its own; then the timed passes, synchronized on CUDA. Any failure becomes a status, never an
-exception that escapes the child.
+Inputs are made and the method built before any clock; a first warm-up pass checks the numbers; peak memory
+is taken in a pass of its own; then the remaining warm-up passes and the timed passes, synchronized on CUDA.
+On CPU the allocator keeps freed memory for reuse from the timed passes on (memory.py, cache_for_timing).
+Any failure becomes a status, never an exception that escapes the child.
 """
 
 from __future__ import annotations
@@ -102,21 +103,23 @@ def measure_point(spec: SweepSpec, method: str, T: int) -> dict:
         if not _finite(out, q.grad, k.grad, v.grad):
             return row | dict(status="nonfinite", error="output or gradients hold NaN or Inf")
         del out
-        passes_left = max(spec.warmup - 1, 0) + 1 + spec.repeats
+        warm = max(spec.warmup - 1, 1)  # at least one pass fills the allocator's cache before timing
+        passes_left = 1 + warm + spec.repeats
         elapsed = time.perf_counter() - start
         if elapsed + first * passes_left > spec.time_budget_s:
             return row | dict(status="timeout", time_ms=first * 1e3, error=(
                 f"one pass took {first:.3g} s; {passes_left} more would exceed the "
                 f"{spec.time_budget_s:g} s budget"))
-        for _ in range(spec.warmup - 1):
-            run()
 
-        q.grad = k.grad = v.grad = None
+        q.grad = k.grad = v.grad = None  # peak memory: a pass of its own, before the allocator caches
         mem.reset_peak()
         _, out = run()
         peak = mem.peak()
         del out
 
+        mem.cache_for_timing()
+        for _ in range(warm):
+            run()
         times = [run()[0] for _ in range(spec.repeats)]
     except Exception as exc:  # every failure is data
         if memory.is_oom(exc):

@@ -2,7 +2,10 @@
 
 RACE.md ("The key to a fast, lean implementation"): both normalizations are linear attention with
 S = L * 2**P features, so the state is [S, D] per head. This module never forms [T, S, D]:
-- the sequence is processed in blocks of BLOCK tokens, so every temporary is O(block * (S + D));
+- each head is processed on its own, in blocks of BLOCK tokens, so every temporary is O(block * (S + D)) and
+  every output block is written in place into o, dq, dk, dv (contiguous rows of one head);
+- features are computed feature-major, [S, block]: the elementwise work of the soft hash runs over long
+  contiguous rows instead of a last dimension of 2**P;
 - non-causal: one pass over keys builds A [S] and KV [S, D], one pass over queries reads them;
 - causal: inside a block, chunks of CHUNK tokens are exact (masked C x C scores) and chunk states are
   prefix-summed; the state entering each block is kept (tiny) for the backward, which walks blocks in
@@ -18,9 +21,9 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from racebench.methods.race.hashing import soft_hash, soft_hash_vjp
+from racebench.methods.race.hashing import corners
 
-BLOCK = 16384
+BLOCK = 8192  # 4 MiB blocks of fp32 rows at D = 128: small enough for the allocator to reuse
 CHUNK = 64
 
 
@@ -34,15 +37,14 @@ class _RaceFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, planes, beta, causal, normalize, eps, block, chunk):
         B, H, T, D = q.shape
-        q3, k3, v3 = (x.reshape(B * H, T, D) for x in (q, k, v))  # views for contiguous inputs
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-        cfg = SimpleNamespace(planes=planes.to(q.device, acc), beta=beta, normalize=normalize, eps=eps,
+        cfg = SimpleNamespace(hash=_Hasher(planes, beta, acc, q.device), normalize=normalize, eps=eps,
                               block=block, chunk=chunk, acc=acc)
-        if causal:
-            o, A, KV = _causal_forward(q3, k3, v3, cfg)
-        else:
-            o, A, KV = _noncausal_forward(q3, k3, v3, cfg)
-        ctx.save_for_backward(q, k, v, A, KV)
+        q3, k3, v3 = (x.reshape(B * H, T, D) for x in (q, k, v))  # views for contiguous inputs
+        o = torch.empty_like(q3)
+        forward = _causal_forward if causal else _noncausal_forward
+        states = [forward(q3[n], k3[n], v3[n], o[n], cfg) for n in range(B * H)]
+        ctx.save_for_backward(q, k, v, *(torch.stack(s) for s in zip(*states)))
         ctx.cfg, ctx.causal = cfg, causal
         return o.view(B, H, T, D)
 
@@ -51,85 +53,121 @@ class _RaceFunction(torch.autograd.Function):
         q, k, v, A, KV = ctx.saved_tensors
         B, H, T, D = q.shape
         q3, k3, v3, do3 = (x.reshape(B * H, T, D) for x in (q, k, v, do))
+        grads = [torch.empty_like(q3) for _ in range(3)]
         backward = _causal_backward if ctx.causal else _noncausal_backward
-        dq, dk, dv = backward(q3, k3, v3, do3, A, KV, ctx.cfg)
-        shape = (B, H, T, D)
-        return dq.view(shape), dk.view(shape), dv.view(shape), None, None, None, None, None, None, None
+        for n in range(B * H):
+            backward(q3[n], k3[n], v3[n], do3[n], A[n], KV[n], *(g[n] for g in grads), ctx.cfg)
+        return (*(g.view(B, H, T, D) for g in grads), None, None, None, None, None, None, None)
+
+
+class _Hasher:
+    """Soft-hash features of a block of rows x [b, D], feature-major: phi(x)^T of shape [S, b]."""
+
+    def __init__(self, planes, beta, dtype, device):
+        self.L, self.P, D = planes.shape
+        self.R, self.beta = 2**self.P, beta
+        self.W = planes.reshape(self.L * self.P, D).to(device, dtype)  # [LP, D]
+        self.Ct = corners(self.P, device=device, dtype=dtype).t().contiguous()  # [P, R]
+        self.dtype = dtype
+
+    def tanh_proj(self, x):
+        return torch.tanh(torch.mm(self.W, x.to(self.dtype).t()))  # [LP, b]
+
+    def probs(self, u):
+        """Product over bits of sigmoid(+-2 beta u): the softmax over corners, factorized (see hashing.py)."""
+        b = u.shape[1]
+        z = (2 * self.beta) * u
+        s = torch.stack((torch.sigmoid(-z), torch.sigmoid(z)), dim=1).view(self.L, self.P, 2, b)
+        f = s[:, 0]  # [L, 2, b]; bit p = 0 is the most significant
+        for p in range(1, self.P):
+            f = (f.unsqueeze(2) * s[:, p].unsqueeze(1)).view(self.L, -1, b)
+        return f.reshape(self.L * self.R, b)
+
+    def __call__(self, x):
+        return self.probs(self.tanh_proj(x))
+
+    def vjp(self, u, g, out):
+        """out <- the gradient of <phi(x)^T, g> with respect to x, from u = tanh_proj(x); g [S, b], out [b, D]."""
+        b = u.shape[1]
+        f, g = self.probs(u).view(self.L, self.R, b), g.reshape(self.L, self.R, b)
+        dlogits = f * (g - (f * g).sum(1, keepdim=True))  # softmax backward
+        du = torch.matmul(self.Ct, dlogits).view(-1, b)  # [LP, b]
+        dh = du.mul_(self.beta).mul_(1 - u * u)  # through beta and tanh
+        _mm_into(dh.t(), self.W, out)
+
+
+def _mm_into(a, b, out):
+    """out <- a @ b, written in place when dtypes allow (no temporary the size of out)."""
+    if out.dtype == a.dtype and out.is_contiguous():
+        torch.mm(a, b, out=out)
+    else:
+        out.copy_(a @ b)
 
 
 def _blocks(T, block):
     return [(s, min(s + block, T)) for s in range(0, T, block)]
 
 
-def _phi(x, cfg):
-    return soft_hash(x.to(cfg.acc), cfg.planes, cfg.beta)
-
-
-def _vjp(x, grad, cfg):
-    return soft_hash_vjp(x, cfg.planes, cfg.beta, grad)
-
-
 # ----------------------------------------------------------------------------- non-causal
 
 
-def _noncausal_forward(q, k, v, cfg):
-    N, T, D = q.shape
-    S = cfg.planes.shape[0] * 2 ** cfg.planes.shape[1]
-    A = q.new_zeros(N, S, dtype=cfg.acc)
-    KV = q.new_zeros(N, S, D, dtype=cfg.acc)
+def _noncausal_forward(q, k, v, o, cfg):
+    """One head: q, k, v, o [T, D]. Returns the state (A [S], KV [S, D]) the backward needs."""
+    T, D = q.shape
+    S = cfg.hash.L * cfg.hash.R
+    A = q.new_zeros(S, dtype=cfg.acc)
+    KV = q.new_zeros(S, D, dtype=cfg.acc)
     for s, e in _blocks(T, cfg.block):
-        fk = _phi(k[:, s:e], cfg)  # [N, b, S]
+        fk = cfg.hash(k[s:e])  # [S, b]
         A += fk.sum(1)
-        KV.baddbmm_(fk.transpose(1, 2), v[:, s:e].to(cfg.acc))
-    Z = KV / (A + cfg.eps).unsqueeze(-1) if cfg.normalize == "bucket" else KV
-    o = torch.empty_like(q)
+        KV.addmm_(fk, v[s:e].to(cfg.acc))
+    Z = KV / (A + cfg.eps).unsqueeze(1) if cfg.normalize == "bucket" else KV
     for s, e in _blocks(T, cfg.block):
-        fq = _phi(q[:, s:e], cfg)
-        out = fq @ Z  # [N, b, D]
+        fq = cfg.hash(q[s:e])
         if cfg.normalize == "paper":
-            out /= fq @ A.unsqueeze(-1) + cfg.eps
-        o[:, s:e] = out
-    return o, A, KV
+            fq = fq / (A @ fq + cfg.eps)  # divide the S x b features, not the b x D output
+        _mm_into(fq.t(), Z, o[s:e])
+    return A, KV
 
 
-def _noncausal_backward(q, k, v, do, A, KV, cfg):
-    N, T, D = q.shape
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+def _noncausal_backward(q, k, v, do, A, KV, dq, dk, dv, cfg):
+    T, D = q.shape
     dKV, dA = torch.zeros_like(KV), torch.zeros_like(A)
     if cfg.normalize == "bucket":
-        a_eps = (A + cfg.eps).unsqueeze(-1)  # [N, S, 1]
-        Z = KV / a_eps
+        a_eps = A + cfg.eps
+        Z = KV / a_eps.unsqueeze(1)
     for s, e in _blocks(T, cfg.block):  # queries: dq, and the gradient of the state (A, KV)
-        fq, g = _phi(q[:, s:e], cfg), do[:, s:e].to(cfg.acc)
+        u = cfg.hash.tanh_proj(q[s:e])
+        fq = cfg.hash.probs(u)
+        g = do[s:e].to(cfg.acc).contiguous()  # one copy where autograd passes a broadcast gradient
         if cfg.normalize == "paper":
-            den = fq @ A.unsqueeze(-1) + cfg.eps  # [N, b, 1]
-            G = g @ KV.transpose(1, 2)  # [N, b, S]
-            w = (fq * G).sum(-1, keepdim=True) / (den * den)
-            dfq = G / den - w * A.unsqueeze(1)
-            dKV.baddbmm_((fq / den).transpose(1, 2), g)
-            dA -= (w * fq).sum(1)
+            den = A @ fq + cfg.eps  # [b]
+            G = KV @ g.t()  # [S, b]
+            w = (fq * G).sum(0) / (den * den)
+            dfq = G / den - A.unsqueeze(1) * w
+            dKV.addmm_(fq / den, g)
+            dA -= fq @ w
         else:
-            dfq = g @ Z.transpose(1, 2)
-            dKV.baddbmm_(fq.transpose(1, 2), g)  # the gradient of Z until the loop ends
-        dq[:, s:e] = _vjp(q[:, s:e], dfq, cfg)
+            dfq = Z @ g.t()
+            dKV.addmm_(fq, g)  # the gradient of Z until the loop ends
+        cfg.hash.vjp(u, dfq, dq[s:e])
     if cfg.normalize == "bucket":
-        dA = -(dKV * Z).sum(-1) / a_eps.squeeze(-1)
-        dKV = dKV / a_eps
+        dA = -(dKV * Z).sum(1) / a_eps
+        dKV = dKV / a_eps.unsqueeze(1)
     for s, e in _blocks(T, cfg.block):  # keys and values
-        fk, vb = _phi(k[:, s:e], cfg), v[:, s:e].to(cfg.acc)
-        dv[:, s:e] = fk @ dKV
-        dk[:, s:e] = _vjp(k[:, s:e], vb @ dKV.transpose(1, 2) + dA.unsqueeze(1), cfg)
-    return dq, dk, dv
+        u = cfg.hash.tanh_proj(k[s:e])
+        _mm_into(cfg.hash.probs(u).t(), dKV, dv[s:e])
+        cfg.hash.vjp(u, torch.addmm(dA.unsqueeze(1), dKV, v[s:e].to(cfg.acc).t()), dk[s:e])
 
 
 # ----------------------------------------------------------------------------- causal
 
 
 def _chunked(x, C):
-    """[N, b, F] -> [N, n, C, F], zero-padded to whole chunks (zero features contribute nothing)."""
-    N, b, F_ = x.shape
+    """[b, F] -> [n, C, F], zero-padded to whole chunks (zero features contribute nothing)."""
+    b, F_ = x.shape
     n = -(-b // C)
-    return F.pad(x, (0, 0, 0, n * C - b)).view(N, n, C, F_)
+    return F.pad(x, (0, 0, 0, n * C - b)).view(n, C, F_)
 
 
 def _exclusive_cumsum(x, dim):
@@ -142,66 +180,66 @@ def _reverse_exclusive_cumsum(x, dim):
 
 
 def _causal_block(q, k, v, A_in, KV_in, cfg):
-    """Forward math of one block (recomputed by the backward). A_in [N, S], KV_in [N, S, D]: the sums
+    """Forward math of one block of one head (recomputed by the backward). A_in [S], KV_in [S, D]: the sums
     over all earlier blocks."""
     C = cfg.chunk
-    fq, fk, vv = _chunked(_phi(q, cfg), C), _chunked(_phi(k, cfg), C), _chunked(v.to(cfg.acc), C)
+    uq, uk = cfg.hash.tanh_proj(q), cfg.hash.tanh_proj(k)
+    fq, fk = (_chunked(cfg.hash.probs(u).t(), C) for u in (uq, uk))  # [n, C, S]
+    vv = _chunked(v.to(cfg.acc), C)
     mask = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()  # j <= t inside a chunk
-    chunk_kv = fk.transpose(-1, -2) @ vv  # [N, n, S, D]
-    KV0 = KV_in.unsqueeze(1) + _exclusive_cumsum(chunk_kv, 1)  # state entering each chunk
-    r = SimpleNamespace(fq=fq, fk=fk, vv=vv, mask=mask, KV0=KV0,
-                        A_out=A_in + fk.sum((1, 2)), KV_out=KV_in + chunk_kv.sum(1))
+    chunk_kv = fk.transpose(-1, -2) @ vv  # [n, S, D]
+    KV0 = KV_in + _exclusive_cumsum(chunk_kv, 0)  # state entering each chunk
+    r = SimpleNamespace(uq=uq, uk=uk, fq=fq, fk=fk, vv=vv, mask=mask, KV0=KV0,
+                        A_out=A_in + fk.sum((0, 1)), KV_out=KV_in + chunk_kv.sum(0))
     if cfg.normalize == "paper":
-        r.A0 = A_in.unsqueeze(1) + _exclusive_cumsum(fk.sum(2), 1)  # [N, n, S]
-        r.scores = (fq @ fk.transpose(-1, -2)) * mask  # [N, n, C, C]
-        r.den = (fq * r.A0.unsqueeze(2)).sum(-1, keepdim=True) + r.scores.sum(-1, keepdim=True) + cfg.eps
+        r.A0 = A_in + _exclusive_cumsum(fk.sum(1), 0)  # [n, S]
+        r.scores = (fq @ fk.transpose(-1, -2)) * mask  # [n, C, C]
+        r.den = (fq * r.A0.unsqueeze(1)).sum(-1, keepdim=True) + r.scores.sum(-1, keepdim=True) + cfg.eps
         r.o = (fq @ KV0 + r.scores @ vv) / r.den
     else:
-        N, n, C_, S = fk.shape
-        r.a_eps = (A_in.view(N, 1, S) + fk.view(N, n * C, S).cumsum(1)).view_as(fk) + cfg.eps  # A_t + eps
+        n, _, S = fk.shape
+        r.a_eps = (A_in + fk.view(n * C, S).cumsum(0)).view_as(fk) + cfg.eps  # A_t + eps
         r.qf = fq / r.a_eps
         r.scores = (r.qf @ fk.transpose(-1, -2)) * mask
         r.o = r.qf @ KV0 + r.scores @ vv
     return r
 
 
-def _causal_forward(q, k, v, cfg):
-    N, T, D = q.shape
-    S = cfg.planes.shape[0] * 2 ** cfg.planes.shape[1]
+def _causal_forward(q, k, v, o, cfg):
+    T, D = q.shape
+    S = cfg.hash.L * cfg.hash.R
     blocks = _blocks(T, cfg.block)
-    As = q.new_zeros(len(blocks), N, S, dtype=cfg.acc)  # state entering each block, for the backward
-    KVs = q.new_zeros(len(blocks), N, S, D, dtype=cfg.acc)
-    o = torch.empty_like(q)
+    As = q.new_zeros(len(blocks), S, dtype=cfg.acc)  # state entering each block, for the backward
+    KVs = q.new_zeros(len(blocks), S, D, dtype=cfg.acc)
     for i, (s, e) in enumerate(blocks):
-        r = _causal_block(q[:, s:e], k[:, s:e], v[:, s:e], As[i], KVs[i], cfg)
-        o[:, s:e] = r.o.flatten(1, 2)[:, : e - s]
+        r = _causal_block(q[s:e], k[s:e], v[s:e], As[i], KVs[i], cfg)
+        o[s:e] = r.o.flatten(0, 1)[: e - s]
         if i + 1 < len(blocks):
             As[i + 1], KVs[i + 1] = r.A_out, r.KV_out
-    return o, As, KVs
+    return As, KVs
 
 
-def _causal_backward(q, k, v, do, As, KVs, cfg):
-    N, T, D = q.shape
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+def _causal_backward(q, k, v, do, As, KVs, dq, dk, dv, cfg):
+    T, D = q.shape
     dKV_later = torch.zeros_like(KVs[0])  # gradient of the state from all later blocks
     dA_later = torch.zeros_like(As[0])
     for i, (s, e) in reversed(list(enumerate(_blocks(T, cfg.block)))):
         b = e - s
-        r = _causal_block(q[:, s:e], k[:, s:e], v[:, s:e], As[i], KVs[i], cfg)
-        g = _chunked(do[:, s:e].to(cfg.acc), cfg.chunk)
+        r = _causal_block(q[s:e], k[s:e], v[s:e], As[i], KVs[i], cfg)
+        g = _chunked(do[s:e].to(cfg.acc), cfg.chunk)
         fq, fk, vv = r.fq, r.fk, r.vv
         if cfg.normalize == "paper":
             dnum = g / r.den
-            dden = -(dnum * r.o).sum(-1, keepdim=True)  # [N, n, C, 1]
+            dden = -(dnum * r.o).sum(-1, keepdim=True)  # [n, C, 1]
             dS = (dnum @ vv.transpose(-1, -2) + dden) * r.mask
-            dfq = dnum @ r.KV0.transpose(-1, -2) + dden * r.A0.unsqueeze(2) + dS @ fk
+            dfq = dnum @ r.KV0.transpose(-1, -2) + dden * r.A0.unsqueeze(1) + dS @ fk
             dfk = dS.transpose(-1, -2) @ fq
             dvv = r.scores.transpose(-1, -2) @ dnum
-            dKV0 = fq.transpose(-1, -2) @ dnum  # [N, n, S, D]: gradient of each chunk's entering state
-            dA0 = (fq * dden).sum(2)  # [N, n, S]
+            dKV0 = fq.transpose(-1, -2) @ dnum  # [n, S, D]: gradient of each chunk's entering state
+            dA0 = (fq * dden).sum(1)  # [n, S]
             # A key in chunk c feeds the entering state of every later chunk and block.
-            dfk += (_reverse_exclusive_cumsum(dA0, 1) + dA_later.unsqueeze(1)).unsqueeze(2)
-            dA_later = dA_later + dA0.sum(1)
+            dfk += (_reverse_exclusive_cumsum(dA0, 0) + dA_later).unsqueeze(1)
+            dA_later = dA_later + dA0.sum(0)
         else:
             dS = (g @ vv.transpose(-1, -2)) * r.mask
             dqf = g @ r.KV0.transpose(-1, -2) + dS @ fk
@@ -209,16 +247,14 @@ def _causal_backward(q, k, v, do, As, KVs, cfg):
             dvv = r.scores.transpose(-1, -2) @ g
             dKV0 = r.qf.transpose(-1, -2) @ g
             dfq = dqf / r.a_eps
-            dA = (-(dqf * r.qf) / r.a_eps).flatten(1, 2)  # [N, n*C, S]: gradient of A_t
+            dA = (-(dqf * r.qf) / r.a_eps).flatten(0, 1)  # [n*C, S]: gradient of A_t
             # A_t sums the keys j <= t, so key j collects the gradient of every A_t with t >= j.
-            suffix = dA.flip(1).cumsum(1).flip(1) + dA_later.unsqueeze(1)
-            dfk += suffix.view_as(fk)
-            dA_later = dA_later + dA.sum(1)
-        later_kv = _reverse_exclusive_cumsum(dKV0, 1) + dKV_later.unsqueeze(1)  # [N, n, S, D]
+            dfk += (dA.flip(0).cumsum(0).flip(0) + dA_later).view_as(fk)
+            dA_later = dA_later + dA.sum(0)
+        later_kv = _reverse_exclusive_cumsum(dKV0, 0) + dKV_later  # [n, S, D]
         dfk += vv @ later_kv.transpose(-1, -2)
         dvv += fk @ later_kv
-        dKV_later = dKV_later + dKV0.sum(1)
-        dq[:, s:e] = _vjp(q[:, s:e], dfq.flatten(1, 2)[:, :b], cfg)
-        dk[:, s:e] = _vjp(k[:, s:e], dfk.flatten(1, 2)[:, :b], cfg)
-        dv[:, s:e] = dvv.flatten(1, 2)[:, :b]
-    return dq, dk, dv
+        dKV_later = dKV_later + dKV0.sum(0)
+        cfg.hash.vjp(r.uq, dfq.flatten(0, 1)[:b].t(), dq[s:e])
+        cfg.hash.vjp(r.uk, dfk.flatten(0, 1)[:b].t(), dk[s:e])
+        dv[s:e] = dvv.flatten(0, 1)[:b]
