@@ -29,3 +29,14 @@ lint: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+
+# Issue-5 measurements side by side (B=1, H=4, D=128, P=L=3, fp32); tens of minutes on a 2-core CPU.
+BENCH := $(BIN)/racebench sweep --warmup 1 --repeats 3 --race-P 3 --race-L 3
+STAMP := $(shell date +%Y%m%d-%H%M%S)
+bench-race: install
+	$(BENCH) --methods race,race-paper,linear,performer --min-len 2^14 --max-len 2^20 --time-budget 3m \
+		--memory-budget 85% --out results/bench-race-noncausal-$(STAMP)
+	$(BENCH) --methods race,race-paper --causal --min-len 2^14 --max-len 2^20 --time-budget 3m \
+		--memory-budget 8GiB --refine 0.05 --out results/bench-race-causal-$(STAMP)
+	$(BENCH) --methods race --min-len 2^16 --max-len 2^20 --time-budget 5m --memory-budget 4GiB --refine 0.02 \
+		--out results/bench-race-threshold-$(STAMP)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -110,6 +111,7 @@ def sweep(
                           memory_budget=memory_budget, refine=refine, seed=seed, knobs=knobs)
     out_dir = out or (None if spec is None else api.new_run_dir(spec))
     command = "racebench " + " ".join(sys.argv[1:])
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a kill ends the sweep as cleanly as Ctrl-C
     try:
         with sweep_progress(spec or _resumed_spec(out_dir), console) as progress:
             store = api.sweep(spec, out_dir, resume=resume, command=command, progress=progress)
