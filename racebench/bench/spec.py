@@ -20,7 +20,7 @@ PAPER_METHODS = ("race", "race-paper", "flash", "linear", "performer", "linforme
 # Each preset fills the options the user left out.
 PRESETS: dict[str, dict[str, Any]] = {
     # The embedded default: a CPU sweep that finishes within about five minutes on 2 cores.
-    "default": dict(min_len="2^10", max_len="2^18", warmup=1, repeats=3, time_budget="10s"),
+    "default": dict(min_len="2^10", max_len="2^18", warmup=1, repeats=3, time_budget="20s"),
     # The published protocol (RACE.md): B=1, H=4, D=128, non-causal fwd+bwd, 2 warm-up + 5 timed passes.
     "paper-gpu": dict(methods=",".join(PAPER_METHODS), device="cuda", dtype="bf16", min_len="2^11",
                       max_len="2^28", causal=False, mode="fwd+bwd", time_budget="5m"),
