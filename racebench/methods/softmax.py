@@ -82,26 +82,15 @@ register_method(Method(
     unavailable=_flash3_unavailable,
     impl=lambda device: "flash_attn_interface.flash_attn_func",
 ))
-register_method(Method(
-    name="sdpa-efficient",
-    description="PyTorch SDPA restricted to its memory-efficient backend",
-    build=_sdpa(SDPBackend.EFFICIENT_ATTENTION),
-    support={"cuda": ALL},
-    impl=lambda device: "sdpa-efficient",
-))
-register_method(Method(
-    name="sdpa-cudnn",
-    description="PyTorch SDPA restricted to its cuDNN backend",
-    build=_sdpa(SDPBackend.CUDNN_ATTENTION),
-    support={"cuda": HALF},
-    impl=lambda device: "sdpa-cudnn",
-))
-register_method(Method(
-    name="sdpa-math",
-    description="PyTorch SDPA restricted to its math (unfused) backend",
-    build=_sdpa(SDPBackend.MATH),
-    impl=lambda device: "sdpa-math",
-))
+# One SDPA backend each: (name, backend, what it is, device -> dtypes).
+_SDPA_ONLY = (
+    ("sdpa-efficient", SDPBackend.EFFICIENT_ATTENTION, "memory-efficient", {"cuda": ALL}),
+    ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION, "cuDNN", {"cuda": HALF}),
+    ("sdpa-math", SDPBackend.MATH, "math (unfused)", {"cpu": ALL, "cuda": ALL}),
+)
+for _name, _backend, _what, _support in _SDPA_ONLY:
+    register_method(Method(name=_name, description=f"PyTorch SDPA restricted to its {_what} backend",
+                           build=_sdpa(_backend), support=_support, impl=lambda device, n=_name: n))
 register_method(Method(
     name="softmax-naive",
     description="Softmax attention with explicit T x T scores (runs out of memory first)",

@@ -37,13 +37,15 @@ class _RaceFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, planes, beta, causal, normalize, eps, block, chunk):
         B, H, T, D = q.shape
-        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-        cfg = SimpleNamespace(hash=_Hasher(planes, beta, acc, q.device), normalize=normalize, eps=eps,
-                              block=block, chunk=chunk, acc=acc)
+        cfg = make_config(q, planes, beta, normalize, eps, block, chunk)
         q3, k3, v3 = (x.reshape(B * H, T, D) for x in (q, k, v))  # views for contiguous inputs
         o = torch.empty_like(q3)
-        forward = _causal_forward if causal else _noncausal_forward
-        states = [forward(q3[n], k3[n], v3[n], o[n], cfg) for n in range(B * H)]
+        if causal:
+            states = [causal_forward(q3[n], k3[n], v3[n], o[n], cfg) for n in range(B * H)]
+        else:
+            states = [key_state(k3[n], v3[n], cfg) for n in range(B * H)]
+            for n, (A, KV) in enumerate(states):
+                query_forward(q3[n], A, KV, o[n], cfg)
         ctx.save_for_backward(q, k, v, *(torch.stack(s) for s in zip(*states)))
         ctx.cfg, ctx.causal = cfg, causal
         return o.view(B, H, T, D)
@@ -54,10 +56,21 @@ class _RaceFunction(torch.autograd.Function):
         B, H, T, D = q.shape
         q3, k3, v3, do3 = (x.reshape(B * H, T, D) for x in (q, k, v, do))
         grads = [torch.empty_like(q3) for _ in range(3)]
-        backward = _causal_backward if ctx.causal else _noncausal_backward
         for n in range(B * H):
-            backward(q3[n], k3[n], v3[n], do3[n], A[n], KV[n], *(g[n] for g in grads), ctx.cfg)
+            dq, dk, dv = (g[n] for g in grads)
+            if ctx.causal:
+                causal_backward(q3[n], k3[n], v3[n], do3[n], A[n], KV[n], dq, dk, dv, ctx.cfg)
+            else:
+                dA, dKV = query_backward(q3[n], do3[n], A[n], KV[n], dq, ctx.cfg)
+                key_backward(k3[n], v3[n], dA, dKV, dk, dv, ctx.cfg)
         return (*(g.view(B, H, T, D) for g in grads), None, None, None, None, None, None, None)
+
+
+def make_config(q, planes, beta, normalize, eps, block=None, chunk=None):
+    """Everything the per-head functions below share; accumulation in fp32 (fp64 for fp64 inputs)."""
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return SimpleNamespace(hash=_Hasher(planes, beta, acc, q.device), normalize=normalize, eps=eps,
+                           block=int(block or BLOCK), chunk=int(chunk or CHUNK), acc=acc)
 
 
 class _Hasher:
@@ -111,32 +124,35 @@ def _blocks(T, block):
 # ----------------------------------------------------------------------------- non-causal
 
 
-def _noncausal_forward(q, k, v, o, cfg):
-    """One head: q, k, v, o [T, D]. Returns the state (A [S], KV [S, D]) the backward needs."""
-    T, D = q.shape
-    S = cfg.hash.L * cfg.hash.R
-    A = q.new_zeros(S, dtype=cfg.acc)
-    KV = q.new_zeros(S, D, dtype=cfg.acc)
+def key_state(k, v, cfg):
+    """One head's keys and values [T, D] -> A [S] = sum_j phi(k_j), KV [S, D] = sum_j phi(k_j) v_j^T."""
+    T, D = k.shape
+    A = k.new_zeros(cfg.hash.L * cfg.hash.R, dtype=cfg.acc)
+    KV = k.new_zeros(A.shape[0], D, dtype=cfg.acc)
     for s, e in _blocks(T, cfg.block):
         fk = cfg.hash(k[s:e])  # [S, b]
         A += fk.sum(1)
         KV.addmm_(fk, v[s:e].to(cfg.acc))
+    return A, KV
+
+
+def query_forward(q, A, KV, o, cfg):
+    """o [T, D] <- RACE of one head's queries against the state (A, KV)."""
     Z = KV / (A + cfg.eps).unsqueeze(1) if cfg.normalize == "bucket" else KV
-    for s, e in _blocks(T, cfg.block):
+    for s, e in _blocks(q.shape[0], cfg.block):
         fq = cfg.hash(q[s:e])
         if cfg.normalize == "paper":
             fq = fq / (A @ fq + cfg.eps)  # divide the S x b features, not the b x D output
         _mm_into(fq.t(), Z, o[s:e])
-    return A, KV
 
 
-def _noncausal_backward(q, k, v, do, A, KV, dq, dk, dv, cfg):
-    T, D = q.shape
+def query_backward(q, do, A, KV, dq, cfg):
+    """dq <- the gradient through the queries; returns these queries' share of the state's gradient (dA, dKV)."""
     dKV, dA = torch.zeros_like(KV), torch.zeros_like(A)
     if cfg.normalize == "bucket":
         a_eps = A + cfg.eps
         Z = KV / a_eps.unsqueeze(1)
-    for s, e in _blocks(T, cfg.block):  # queries: dq, and the gradient of the state (A, KV)
+    for s, e in _blocks(q.shape[0], cfg.block):
         u = cfg.hash.tanh_proj(q[s:e])
         fq = cfg.hash.probs(u)
         g = do[s:e].to(cfg.acc).contiguous()  # one copy where autograd passes a broadcast gradient
@@ -151,13 +167,25 @@ def _noncausal_backward(q, k, v, do, A, KV, dq, dk, dv, cfg):
             dfq = Z @ g.t()
             dKV.addmm_(fq, g)  # the gradient of Z until the loop ends
         cfg.hash.vjp(u, dfq, dq[s:e])
-    if cfg.normalize == "bucket":
+    if cfg.normalize == "bucket":  # Z = KV / (A + eps): linear in the gradient of Z, so shares add up
         dA = -(dKV * Z).sum(1) / a_eps
         dKV = dKV / a_eps.unsqueeze(1)
-    for s, e in _blocks(T, cfg.block):  # keys and values
+    return dA, dKV
+
+
+def key_backward(k, v, dA, dKV, dk, dv, cfg, accumulate=False):
+    """dk, dv <- (or +=, with accumulate) the gradient through keys and values of a state gradient (dA, dKV)."""
+    for s, e in _blocks(k.shape[0], cfg.block):
         u = cfg.hash.tanh_proj(k[s:e])
-        _mm_into(cfg.hash.probs(u).t(), dKV, dv[s:e])
-        cfg.hash.vjp(u, torch.addmm(dA.unsqueeze(1), dKV, v[s:e].to(cfg.acc).t()), dk[s:e])
+        g = torch.addmm(dA.unsqueeze(1), dKV, v[s:e].to(cfg.acc).t())  # [S, b]
+        if accumulate:
+            dv[s:e] += cfg.hash.probs(u).t() @ dKV
+            dk_blk = torch.empty_like(dk[s:e], dtype=cfg.acc)
+            cfg.hash.vjp(u, g, dk_blk)
+            dk[s:e] += dk_blk
+        else:
+            _mm_into(cfg.hash.probs(u).t(), dKV, dv[s:e])
+            cfg.hash.vjp(u, g, dk[s:e])
 
 
 # ----------------------------------------------------------------------------- causal
@@ -205,12 +233,16 @@ def _causal_block(q, k, v, A_in, KV_in, cfg):
     return r
 
 
-def _causal_forward(q, k, v, o, cfg):
+def causal_forward(q, k, v, o, cfg, A_in=None, KV_in=None):
+    """One head, causal; (A_in, KV_in) is the state entering the sequence (zero unless it continues one).
+    Returns the state entering each block, for the backward."""
     T, D = q.shape
     S = cfg.hash.L * cfg.hash.R
     blocks = _blocks(T, cfg.block)
-    As = q.new_zeros(len(blocks), S, dtype=cfg.acc)  # state entering each block, for the backward
+    As = q.new_zeros(len(blocks), S, dtype=cfg.acc)
     KVs = q.new_zeros(len(blocks), S, D, dtype=cfg.acc)
+    if A_in is not None:
+        As[0], KVs[0] = A_in, KV_in
     for i, (s, e) in enumerate(blocks):
         r = _causal_block(q[s:e], k[s:e], v[s:e], As[i], KVs[i], cfg)
         o[s:e] = r.o.flatten(0, 1)[: e - s]
@@ -219,7 +251,8 @@ def _causal_forward(q, k, v, o, cfg):
     return As, KVs
 
 
-def _causal_backward(q, k, v, do, As, KVs, dq, dk, dv, cfg):
+def causal_backward(q, k, v, do, As, KVs, dq, dk, dv, cfg):
+    """dq, dk, dv of one head; returns the gradient of the state that entered the sequence (dA_in, dKV_in)."""
     T, D = q.shape
     dKV_later = torch.zeros_like(KVs[0])  # gradient of the state from all later blocks
     dA_later = torch.zeros_like(As[0])
@@ -258,3 +291,4 @@ def _causal_backward(q, k, v, do, As, KVs, dq, dk, dv, cfg):
         cfg.hash.vjp(r.uq, dfq.flatten(0, 1)[:b].t(), dq[s:e])
         cfg.hash.vjp(r.uk, dfk.flatten(0, 1)[:b].t(), dk[s:e])
         dv[s:e] = dvv.flatten(0, 1)[:b]
+    return dA_later, dKV_later
