@@ -85,6 +85,9 @@ def sweep(
     out: Annotated[Path | None, typer.Option(help="Run folder (default results/<run-id>).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the interrupted run in --out, skipping finished "
                                          "points.")] = False,
+    nproc: Annotated[int | None, typer.Option(help="Run each point across this many local processes, the "
+                                              "sequence split between them (race only; each process gets "
+                                              "--memory-budget).")] = None,
 ) -> None:
     """Run single forward+backward passes of each method at growing context lengths, each point in its own
     process, and record time, peak memory and the out-of-memory / time-out thresholds."""
@@ -108,7 +111,7 @@ def sweep(
         spec = build_spec(preset=preset, methods=methods, lengths=lengths, min_len=min_len, max_len=max_len,
                           growth=growth, batch=batch, heads=heads, head_dim=head_dim, dtype=dtype, device=device,
                           causal=causal, mode=mode, warmup=warmup, repeats=repeats, time_budget=time_budget,
-                          memory_budget=memory_budget, refine=refine, seed=seed, knobs=knobs)
+                          memory_budget=memory_budget, refine=refine, seed=seed, knobs=knobs, nproc=nproc)
     out_dir = out or (None if spec is None else api.new_run_dir(spec))
     command = "racebench " + " ".join(sys.argv[1:])
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a kill ends the sweep as cleanly as Ctrl-C

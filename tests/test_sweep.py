@@ -139,3 +139,17 @@ def test_existing_run_is_not_overwritten(tmp_path):
 def test_environment_is_json_ready():
     json.dumps(collect_environment())
     assert isinstance(pd.DataFrame, type)
+
+
+def test_sequence_parallel_points(tmp_path):
+    s = spec(methods="race,linear", lengths="256,1K", nproc=2, causal=True, time_budget="60s")
+    run_sweep(s, tmp_path / "run")
+    _, df = load_run(tmp_path / "run")
+    race = df[df.method == "race"]
+    assert race.status.tolist() == ["ok", "ok"] and (race.nproc == 2).all()
+    assert (race.impl == "race_attention_sp").all()
+    # Bytes per step depend on H, S and D only, never on T: the state is what crosses between ranks.
+    assert race.comm_bytes_per_step.nunique() == 1 and race.comm_bytes_per_step.iloc[0] > 0
+    assert all(len(json.loads(x)) == 2 for x in race.rank_peak_mem_bytes)
+    linear = df[df.method == "linear"]
+    assert linear.status.tolist() == ["unsupported"] * 2 and "only race" in linear.error.iloc[0]

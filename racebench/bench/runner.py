@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from racebench.bench.environment import collect_environment
-from racebench.bench.spec import SweepSpec
+from racebench.bench.spec import SEQUENCE_PARALLEL, SweepSpec
 from racebench.bench.worker import child_main, point_row
 from racebench.errors import UnavailableError, UnsupportedError
 from racebench.methods.registry import get_method
@@ -35,7 +35,8 @@ def run_child(spec: SweepSpec, method: str, T: int) -> dict:
     """Measure one point in its own process; a crash, a hang or a signal becomes the point's status."""
     ctx = _context()
     recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=child_main, args=(send, spec.to_dict(), method, T), daemon=True)
+    # Not a daemon: a --nproc point starts its ranks from it. It dies with this process (die_with_parent).
+    proc = ctx.Process(target=child_main, args=(send, spec.to_dict(), method, T))
     start = time.perf_counter()
     proc.start()
     send.close()
@@ -98,6 +99,9 @@ def _plan_row(spec: SweepSpec, method: str, state: MethodState, T: int) -> dict 
         get_method(method).check(spec.device, spec.torch_dtype, spec.causal)
     except (UnsupportedError, UnavailableError) as exc:
         return point_row(spec, method, T, status="unsupported", error=str(exc))
+    if spec.nproc > 1 and method not in SEQUENCE_PARALLEL:
+        return point_row(spec, method, T, status="unsupported",
+                         error=f"--nproc: only {', '.join(SEQUENCE_PARALLEL)} runs sequence-parallel")
     if state.failed and state.failed[0] < T:
         return point_row(spec, method, T, status="skipped",
                          error=f"{state.failed[1]} at T = {state.failed[0]}; longer lengths not tried")

@@ -14,6 +14,7 @@ from racebench.errors import UsageError
 from racebench.methods.registry import DTYPES, HAS_CUDA, get_method
 
 MODES = ("fwd", "bwd", "fwd+bwd")
+SEQUENCE_PARALLEL = ("race",)  # methods that run across --nproc ranks
 DEFAULT_METHODS = ("race", "race-paper", "flash", "linear", "performer", "linformer", "angular")
 PAPER_METHODS = ("race", "race-paper", "flash", "linear", "performer", "linformer", "angular")
 
@@ -52,6 +53,7 @@ class SweepSpec:
     seed: int = 0
     knobs: dict[str, Any] = field(default_factory=dict)
     preset: str = "default"
+    nproc: int = 1  # ranks of a sequence-parallel point, each with its own memory budget
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -111,7 +113,7 @@ def build_spec(*, preset: str | None = None, methods: str | None = None, lengths
                dtype: str | None = None, device: str | None = None, causal: bool | None = None,
                mode: str | None = None, warmup: int | None = None, repeats: int | None = None,
                time_budget: str | None = None, memory_budget: str | None = None, refine: float | None = None,
-               seed: int | None = None, knobs: dict[str, Any] | None = None) -> SweepSpec:
+               seed: int | None = None, knobs: dict[str, Any] | None = None, nproc: int | None = None) -> SweepSpec:
     """Options as the CLI gives them (None = not given) -> a validated SweepSpec."""
     name = preset or "default"
     if name not in PRESETS:
@@ -157,9 +159,12 @@ def build_spec(*, preset: str | None = None, methods: str | None = None, lengths
         time_budget_s=parse_duration(opts.get("time_budget", "60s")), memory_budget_bytes=budget,
         refine=float(refine_prec) if refine_prec is not None else None, seed=int(opts.get("seed", 0)),
         knobs={k: v for k, v in (knobs or {}).items() if v is not None}, preset=name,
+        nproc=_positive_int("nproc", opts.get("nproc", 1)),
     )
-    need = spec.input_bytes(spec.lengths[0])
+    if spec.nproc > 1 and spec.mode != "fwd+bwd":
+        raise UsageError("--nproc measures fwd+bwd steps only")
+    need = spec.input_bytes(-(-spec.lengths[0] // spec.nproc))  # what one rank holds
     if need > budget:
         raise UsageError(f"--memory-budget {budget} bytes cannot hold even the inputs q, k, v at "
-                         f"T = {spec.lengths[0]} ({need} bytes)")
+                         f"T = {spec.lengths[0]} ({need} bytes{' per rank' if spec.nproc > 1 else ''})")
     return spec

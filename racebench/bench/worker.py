@@ -27,7 +27,7 @@ from racebench.methods.registry import BuildConfig, get_method
 _TEST_CRASH = "__crash__"
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Linux: the kernel kills this child when its parent goes, so a killed sweep leaves no orphan measuring."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
@@ -37,7 +37,7 @@ def point_row(spec: SweepSpec, method: str, T: int, **fields) -> dict:
     """The result row skeleton: identity of the point plus its status fields."""
     row = dict(method=method, device=spec.device, dtype=spec.dtype, B=spec.B, H=spec.H, T=T, D=spec.D,
                causal=spec.causal, mode=spec.mode, input_bytes=spec.input_bytes(T),
-               floor_bytes=spec.floor_bytes(T), repeats=0)
+               floor_bytes=spec.floor_bytes(T), repeats=0, nproc=spec.nproc)
     row.update(effective_knobs(spec, method))
     row.update(fields)
     return row
@@ -85,7 +85,7 @@ def _finite(*tensors) -> bool:
 
 
 def measure_point(spec: SweepSpec, method: str, T: int) -> dict:
-    """Run one point in this process; returns its row."""
+    """Run one point in this process (its ranks' processes with --nproc); returns its row."""
     start = time.perf_counter()
     if method == _TEST_CRASH:
         os.kill(os.getpid(), 9)
@@ -94,22 +94,37 @@ def measure_point(spec: SweepSpec, method: str, T: int) -> dict:
         m.check(spec.device, spec.torch_dtype, spec.causal)
     except (UnsupportedError, UnavailableError) as exc:
         return point_row(spec, method, T, status="unsupported", error=str(exc))
-    mem = memory.for_device(spec.device, spec.memory_budget_bytes)
+    if spec.nproc > 1:
+        from racebench.bench.parallel_worker import measure_parallel
+
+        return measure_parallel(spec, method, T)
     row = point_row(spec, method, T, impl=m.impl(spec.device), threads=torch.get_num_threads())
+    cfg = BuildConfig(spec.B, spec.H, T, spec.D, spec.torch_dtype, spec.device, spec.causal, spec.seed, spec.knobs)
+    row = measure(spec, row, T, lambda: m.build(cfg), start)
+    row.pop("times_ms", None)
+    return row
+
+
+def measure(spec: SweepSpec, row: dict, T: int, build, start: float, *, seed: int | None = None,
+            agree=lambda stop: stop, barrier=lambda: None, counter=lambda: 0) -> dict:
+    """The protocol for inputs of T tokens: inputs, first pass, memory pass, warm-up, timed passes.
+
+    For ranks of a sequence-parallel point: `agree` makes an early stop collective, `barrier` joins every
+    synchronization, `counter` reads the bytes this process has communicated."""
+    mem = memory.for_device(spec.device, spec.memory_budget_bytes)
     try:
         mem.cap()
         before_inputs = mem.current()
-        gen = torch.Generator(device=spec.device).manual_seed(spec.seed + T)
+        gen = torch.Generator(device=spec.device).manual_seed(spec.seed + T if seed is None else seed)
         q, k, v = (torch.randn(spec.B, spec.H, T, spec.D, generator=gen, device=spec.device,
                                dtype=spec.torch_dtype).requires_grad_(spec.mode != "fwd") for _ in range(3))
-        fn = m.build(BuildConfig(spec.B, spec.H, T, spec.D, spec.torch_dtype, spec.device, spec.causal,
-                                 spec.seed, spec.knobs))
+        fn = build()
         mem.sync()
         with_inputs = mem.current()
-        run = _make_pass(fn, q, k, v, spec.mode, mem.sync)
+        run = _make_pass(fn, q, k, v, spec.mode, lambda: (mem.sync(), barrier()))
 
         first, out = run()  # the first warm-up pass also checks the numbers
-        if not _finite(out, q.grad, k.grad, v.grad):
+        if agree(not _finite(out, q.grad, k.grad, v.grad)):
             return row | dict(status="nonfinite", error="output or gradients hold NaN or Inf")
         del out
         warm = max(spec.warmup - 1, 1)  # at least one pass fills the allocator's cache before timing
@@ -117,15 +132,16 @@ def measure_point(spec: SweepSpec, method: str, T: int) -> dict:
         elapsed = time.perf_counter() - start
         # The first pass also pays for fresh pages and lazy set-up, so stop early only when even half its
         # time per pass would not fit; a point that finishes over budget is still a time-out (below).
-        if elapsed + first * passes_left / 2 > spec.time_budget_s:
+        if agree(elapsed + first * passes_left / 2 > spec.time_budget_s):
             return row | dict(status="timeout", time_ms=first * 1e3, error=(
                 f"one pass took {first:.3g} s; {passes_left} more would exceed the "
                 f"{spec.time_budget_s:g} s budget"))
 
         q.grad = k.grad = v.grad = None  # peak memory: a pass of its own, before the allocator caches
         mem.reset_peak()
+        sent = counter()
         _, out = run()
-        peak = mem.peak()
+        peak, sent = mem.peak(), counter() - sent
         del out
 
         mem.cache_for_timing()
@@ -144,14 +160,15 @@ def measure_point(spec: SweepSpec, method: str, T: int) -> dict:
         status="timeout" if over else "ok",
         error=f"finished in {elapsed:.3g} s, over the {spec.time_budget_s:g} s budget" if over else None,
         time_ms=median * 1e3, time_ms_min=min(times) * 1e3, time_ms_max=max(times) * 1e3,
-        repeats=len(times), tokens_per_s=spec.B * T / median,
+        repeats=len(times), tokens_per_s=spec.B * row["T"] / median, times_ms=[t * 1e3 for t in times],
         peak_mem_bytes=peak - before_inputs, peak_mem_over_inputs_bytes=peak - with_inputs,
+        comm_bytes_per_step=sent,
     )
 
 
 def child_main(conn, spec_dict: dict, method: str, T: int) -> None:
     """Entry point of the child process: measure, send the row, exit."""
-    _die_with_parent()
+    die_with_parent()
     row = measure_point(SweepSpec.from_dict(spec_dict), method, T)
     conn.send(row)
     conn.close()

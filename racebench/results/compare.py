@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 
 KEYS = ["method", "race_P", "race_L", "race_beta", "race_M", "race_normalize", "device", "dtype", "B", "H", "D",
-        "causal", "mode", "T"]
+        "causal", "mode", "nproc", "T"]
 
 
 def compare_runs(base: pd.DataFrame, cand: pd.DataFrame, *, max_slowdown: float, max_memory_growth: float):

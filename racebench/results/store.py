@@ -17,7 +17,7 @@ REQUIRED_COLUMNS = ("method", "device", "dtype", "B", "H", "T", "D", "causal", "
 COLUMNS = ("run_id", "method", "impl", "race_P", "race_L", "race_beta", "race_M", "race_normalize", "device",
            "dtype", "B", "H", "T", "D", "causal", "mode", "status", "time_ms", "time_ms_min", "time_ms_max",
            "repeats", "tokens_per_s", "peak_mem_bytes", "peak_mem_over_inputs_bytes", "input_bytes",
-           "floor_bytes", "refine", "threads", "error")
+           "floor_bytes", "nproc", "comm_bytes_per_step", "rank_peak_mem_bytes", "refine", "threads", "error")
 
 
 @dataclass
@@ -108,4 +108,5 @@ def load_run(path: Path | str) -> tuple[dict, pd.DataFrame]:
     for col in COLUMNS:  # optional columns of older runs
         if col not in df.columns:
             df[col] = None
+    df["nproc"] = df["nproc"].fillna(1).astype(int)  # runs before --nproc ran in one process
     return meta, df
