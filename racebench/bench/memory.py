@@ -10,7 +10,7 @@ import torch
 
 # Thread stacks and allocator arenas are address space too: the cap leaves this much above the budget.
 _AS_HEADROOM = 256 * 2**20
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -3, -4, -8
 
 
 def _mallopt(*settings: tuple[int, int]) -> None:
@@ -35,8 +35,9 @@ class CpuMemory:
         self.budget = budget
 
     def cap(self) -> None:
-        # Until timing starts, freed tensors go back to the OS at once, so the resident set tracks live memory.
-        _mallopt((_M_MMAP_THRESHOLD, 1 << 16), (_M_TRIM_THRESHOLD, 1 << 16))
+        # Until timing starts, freed tensors go back to the OS at once, so the resident set tracks live memory;
+        # one malloc arena, since each extra arena reserves 64 MiB of address space against the cap.
+        _mallopt((_M_MMAP_THRESHOLD, 1 << 16), (_M_TRIM_THRESHOLD, 1 << 16), (_M_ARENA_MAX, 1))
         torch.ones(256, 256) @ torch.ones(256, 256)  # start the thread pool before the cap
         # Going over the budget must fail inside this process ("can't allocate memory"), never wake the
         # kernel's OOM killer.
