@@ -38,6 +38,8 @@ from racebench.results.store import load_run  # noqa: E402
     (["--preset", "huge"], "unknown preset"),
     (["--race-normalize", "softmax"], "--race-normalize must be paper or bucket"),
     (["--resume"], "--resume needs --out"),
+    (["--nproc", "0"], "--nproc must be positive"),
+    (["--nproc", "2", "--mode", "fwd"], "--nproc measures fwd+bwd steps only"),
 ])
 def test_sweep_bad_input_is_one_line_exit_2(args, message):
     result = runner.invoke(app, ["sweep", *args], env={"COLUMNS": "200"})
@@ -65,3 +67,13 @@ def test_sweep_runs_and_prints_thresholds(tmp_path):
 def test_env_prints_environment():
     result = runner.invoke(app, ["env"], env={"COLUMNS": "200"})
     assert result.exit_code == 0 and "torch" in result.output and "schema_version" in result.output
+
+
+def test_sweep_nproc_records_ranks(tmp_path):
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["sweep", "--methods", "race", "--lengths", "128,512", "-H", "1", "-D", "16",
+                                 "--repeats", "1", "--warmup", "1", "--nproc", "3", "--out", str(out)],
+                           env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    _, df = load_run(out)
+    assert (df.status == "ok").all() and (df.nproc == 3).all() and (df.comm_bytes_per_step > 0).all()
