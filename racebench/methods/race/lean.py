@@ -27,43 +27,68 @@ BLOCK = 8192  # 4 MiB blocks of fp32 rows at D = 128: small enough for the alloc
 CHUNK = 64
 
 
-def race_lean(q, k, v, planes, *, beta, causal=False, normalize="paper", eps=1e-6, block=None, chunk=None):
-    """RACE attention on [B, H, T, D] tensors; planes [L, P, D]. See racebench.race_attention."""
-    return _RaceFunction.apply(q, k, v, planes, float(beta), causal, normalize, eps,
-                               int(block or BLOCK), int(chunk or CHUNK))
+def race_lean(q, k, v, planes, *, beta, causal=False, normalize="paper", eps=1e-6, block=None, chunk=None,
+              comm=None):
+    """RACE attention on [B, H, T, D] tensors; planes [L, P, D]. See racebench.race_attention.
+
+    comm: None for a whole sequence; for one shard of a sequence split across processes, an object with
+    all_reduce(t) (sum in place) and prefix_suffix(t) (sums over the shards before and after this one), as
+    parallel.py provides."""
+    return _RaceFunction.apply(q, k, v, planes, float(beta), causal, normalize, eps, block, chunk, comm)
 
 
 class _RaceFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, planes, beta, causal, normalize, eps, block, chunk):
+    def forward(ctx, q, k, v, planes, beta, causal, normalize, eps, block, chunk, comm):
         B, H, T, D = q.shape
+        N = B * H
         cfg = make_config(q, planes, beta, normalize, eps, block, chunk)
-        q3, k3, v3 = (x.reshape(B * H, T, D) for x in (q, k, v))  # views for contiguous inputs
+        q3, k3, v3 = (x.reshape(N, T, D) for x in (q, k, v))  # views for contiguous inputs
         o = torch.empty_like(q3)
+
+        def stacked(pairs):
+            return tuple(torch.stack(s) for s in zip(*pairs))
+
         if causal:
-            states = [causal_forward(q3[n], k3[n], v3[n], o[n], cfg) for n in range(B * H)]
+            A_in = KV_in = [None] * N  # the state entering this sequence: zero unless it continues a shard
+            if comm is not None:
+                totals = stacked(key_state(k3[n], v3[n], cfg) for n in range(N))
+                A_in, KV_in = (comm.prefix_suffix(t)[0] for t in totals)
+            A, KV = stacked(causal_forward(q3[n], k3[n], v3[n], o[n], cfg, A_in[n], KV_in[n]) for n in range(N))
         else:
-            states = [key_state(k3[n], v3[n], cfg) for n in range(B * H)]
-            for n, (A, KV) in enumerate(states):
-                query_forward(q3[n], A, KV, o[n], cfg)
-        ctx.save_for_backward(q, k, v, *(torch.stack(s) for s in zip(*states)))
-        ctx.cfg, ctx.causal = cfg, causal
+            A, KV = stacked(key_state(k3[n], v3[n], cfg) for n in range(N))
+            if comm is not None:
+                comm.all_reduce(A), comm.all_reduce(KV)
+            for n in range(N):
+                query_forward(q3[n], A[n], KV[n], o[n], cfg)
+        ctx.save_for_backward(q, k, v, A, KV)
+        ctx.cfg, ctx.causal, ctx.comm = cfg, causal, comm
         return o.view(B, H, T, D)
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, A, KV = ctx.saved_tensors
         B, H, T, D = q.shape
-        q3, k3, v3, do3 = (x.reshape(B * H, T, D) for x in (q, k, v, do))
-        grads = [torch.empty_like(q3) for _ in range(3)]
-        for n in range(B * H):
-            dq, dk, dv = (g[n] for g in grads)
-            if ctx.causal:
-                causal_backward(q3[n], k3[n], v3[n], do3[n], A[n], KV[n], dq, dk, dv, ctx.cfg)
-            else:
-                dA, dKV = query_backward(q3[n], do3[n], A[n], KV[n], dq, ctx.cfg)
-                key_backward(k3[n], v3[n], dA, dKV, dk, dv, ctx.cfg)
-        return (*(g.view(B, H, T, D) for g in grads), None, None, None, None, None, None, None)
+        N, cfg, comm = B * H, ctx.cfg, ctx.comm
+        q3, k3, v3, do3 = (x.reshape(N, T, D) for x in (q, k, v, do))
+        dq, dk, dv = (torch.empty_like(q3) for _ in range(3))
+        if ctx.causal:
+            grads = [causal_backward(q3[n], k3[n], v3[n], do3[n], A[n], KV[n], dq[n], dk[n], dv[n], cfg)
+                     for n in range(N)]
+            if comm is not None:  # every key here also feeds the state entering each later shard
+                dA_in, dKV_in = (torch.stack(s) for s in zip(*grads))
+                dA_later, dKV_later = (comm.prefix_suffix(t)[1] for t in (dA_in, dKV_in))
+                for n in range(N):
+                    key_backward(k3[n], v3[n], dA_later[n], dKV_later[n], dk[n], dv[n], cfg, accumulate=True)
+        else:
+            dA, dKV = (torch.stack(s) for s in zip(*[query_backward(q3[n], do3[n], A[n], KV[n], dq[n], cfg)
+                                                    for n in range(N)]))
+            if comm is not None:
+                comm.all_reduce(dA), comm.all_reduce(dKV)
+            for n in range(N):
+                key_backward(k3[n], v3[n], dA[n], dKV[n], dk[n], dv[n], cfg)
+        shape = (B, H, T, D)
+        return dq.view(shape), dk.view(shape), dv.view(shape), *([None] * 8)
 
 
 def make_config(q, planes, beta, normalize, eps, block=None, chunk=None):
