@@ -67,8 +67,10 @@ def sweep(
     causal: Annotated[bool | None, typer.Option("--causal/--non-causal", help="Causal masking "
                                                    "(default non-causal, as in the paper).")] = None,
     mode: Annotated[str | None, typer.Option(help="fwd, bwd or fwd+bwd (default, as in the paper).")] = None,
-    warmup: Annotated[int | None, typer.Option(help="Warm-up passes per point (default 2).")] = None,
-    repeats: Annotated[int | None, typer.Option(help="Timed passes per point (default 5).")] = None,
+    warmup: Annotated[int | None, typer.Option(help="Warm-up passes per point (default 2; the sweep with no "
+                                               "options uses 1).")] = None,
+    repeats: Annotated[int | None, typer.Option(help="Timed passes per point (default 5; the sweep with no "
+                                                "options uses 3).")] = None,
     time_budget: Annotated[str | None, typer.Option(help="Time allowed per point: 90s, 5m.")] = None,
     memory_budget: Annotated[str | None, typer.Option(help="Memory allowed per point: 1GiB, 512MB, 80% "
                                                          "(default: 60% of free RAM; 90% of the GPU).")] = None,
