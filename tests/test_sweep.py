@@ -153,3 +153,8 @@ def test_sequence_parallel_points(tmp_path):
     assert all(len(json.loads(x)) == 2 for x in race.rank_peak_mem_bytes)
     linear = df[df.method == "linear"]
     assert linear.status.tolist() == ["unsupported"] * 2 and "only race" in linear.error.iloc[0]
+
+
+def test_nonfinite_output_is_recorded():
+    row = run_child(spec(methods="race", lengths="64"), "__nan__", 64)
+    assert row["status"] == "nonfinite" and "NaN" in row["error"]

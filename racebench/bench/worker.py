@@ -23,8 +23,9 @@ from racebench.bench.spec import SweepSpec
 from racebench.errors import UnavailableError, UnsupportedError
 from racebench.methods.registry import BuildConfig, get_method
 
-# Test hook: a method name that kills its own child with a signal, to test the engine's handling.
+# Test hooks: method names whose child kills itself with a signal, or returns NaN, to test the engine.
 _TEST_CRASH = "__crash__"
+_TEST_NAN = "__nan__"
 
 
 def die_with_parent() -> None:
@@ -44,7 +45,7 @@ def point_row(spec: SweepSpec, method: str, T: int, **fields) -> dict:
 
 
 def effective_knobs(spec: SweepSpec, method: str) -> dict:
-    if method == _TEST_CRASH:
+    if method in (_TEST_CRASH, _TEST_NAN):
         return {}
     m = get_method(method)
     cfg = BuildConfig(spec.B, spec.H, 1, spec.D, spec.torch_dtype, spec.device, spec.causal, spec.seed, spec.knobs)
@@ -92,6 +93,8 @@ def measure_point(spec: SweepSpec, method: str, T: int) -> dict:
     start = time.perf_counter()
     if method == _TEST_CRASH:
         os.kill(os.getpid(), 9)
+    if method == _TEST_NAN:
+        return measure(spec, point_row(spec, method, T), T, lambda: lambda q, k, v: q * float("nan"), start)
     m = get_method(method)
     try:
         m.check(spec.device, spec.torch_dtype, spec.causal)
