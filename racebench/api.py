@@ -18,15 +18,17 @@ def new_run_dir(spec: SweepSpec, root: Path = RESULTS_DIR) -> Path:
     return root / f"{spec.preset}-{spec.device}-{stamp}"
 
 
-def sweep(spec: SweepSpec | None, out: Path | None, *, resume: bool = False, command: str = "",
+def resumed_spec(out: Path | None) -> SweepSpec:
+    """The spec stored in the run folder `out`, for --resume."""
+    if out is None:
+        raise UsageError("--resume needs --out: the folder of the run to continue")
+    return SweepSpec.from_dict(load_meta(out)["spec"])
+
+
+def sweep(spec: SweepSpec, out: Path, *, resume: bool = False, command: str = "",
           progress: ProgressFn | None = None) -> RunStore:
-    """Run a sweep into `out` (default results/<run-id>); with resume, continue the run stored in `out`."""
-    if resume:
-        if out is None:
-            raise UsageError("--resume needs --out: the folder of the run to continue")
-        spec = SweepSpec.from_dict(load_meta(out)["spec"])
-    assert spec is not None
-    return run_sweep(spec, out or new_run_dir(spec), resume=resume, command=command, progress=progress)
+    """Run a sweep into `out`; with resume, continue the run stored there (spec from resumed_spec(out))."""
+    return run_sweep(spec, out, resume=resume, command=command, progress=progress)
 
 
 def latest_run(root: Path = RESULTS_DIR) -> Path:

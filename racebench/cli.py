@@ -99,26 +99,20 @@ def sweep(
     from racebench.views.progress import sweep_progress
     from racebench.views.tables import thresholds_table
 
-    if race_normalize is not None and race_normalize not in ("paper", "bucket"):
-        raise UsageError(f"--race-normalize must be paper or bucket, not {race_normalize!r}")
-    spec = None
-    if not resume:
+    if resume:
+        spec = api.resumed_spec(out)
+    else:
         knobs = dict(race_P=race_P, race_L=race_L, race_beta=race_beta, race_M=race_M,
                      race_normalize=race_normalize)
-        for name in ("race_P", "race_L", "race_M"):
-            if knobs[name] is not None and knobs[name] <= 0:
-                raise UsageError(f"--{name.replace('_', '-')} must be positive")
-        if race_beta is not None and race_beta <= 0:
-            raise UsageError("--race-beta must be positive")
         spec = build_spec(preset=preset, methods=methods, lengths=lengths, min_len=min_len, max_len=max_len,
                           growth=growth, batch=batch, heads=heads, head_dim=head_dim, dtype=dtype, device=device,
                           causal=causal, mode=mode, warmup=warmup, repeats=repeats, time_budget=time_budget,
                           memory_budget=memory_budget, refine=refine, seed=seed, knobs=knobs, nproc=nproc)
-    out_dir = out or (None if spec is None else api.new_run_dir(spec))
+    out_dir = out or api.new_run_dir(spec)
     command = "racebench " + " ".join(sys.argv[1:])
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a kill ends the sweep as cleanly as Ctrl-C
     try:
-        with sweep_progress(spec or _resumed_spec(out_dir), console) as progress:
+        with sweep_progress(spec, console) as progress:
             store = api.sweep(spec, out_dir, resume=resume, command=command, progress=progress)
     except KeyboardInterrupt:
         err_console.print(f"interrupted: finished points are saved in {out_dir}; continue with "
@@ -127,15 +121,6 @@ def sweep(
     _, df = load_run(store.path)
     console.print(thresholds_table(df))
     console.print(f"results: {store.path}/results.csv  (run.json, points.jsonl beside it)")
-
-
-def _resumed_spec(out):
-    from racebench.bench.spec import SweepSpec
-    from racebench.results.store import load_meta
-
-    if out is None:
-        raise UsageError("--resume needs --out: the folder of the run to continue")
-    return SweepSpec.from_dict(load_meta(out)["spec"])
 
 
 @app.command()

@@ -39,6 +39,8 @@ from racebench.results.store import load_run  # noqa: E402
     (["--race-normalize", "softmax"], "--race-normalize must be paper or bucket"),
     (["--resume"], "--resume needs --out"),
     (["--nproc", "0"], "--nproc must be positive"),
+    (["--race-P", "0"], "--race-P must be positive"),
+    (["--race-beta", "-1"], "--race-beta must be positive"),
     (["--nproc", "2", "--mode", "fwd"], "--nproc measures fwd+bwd steps only"),
 ])
 def test_sweep_bad_input_is_one_line_exit_2(args, message):

@@ -158,3 +158,10 @@ def test_sequence_parallel_points(tmp_path):
 def test_nonfinite_output_is_recorded():
     row = run_child(spec(methods="race", lengths="64"), "__nan__", 64)
     assert row["status"] == "nonfinite" and "NaN" in row["error"]
+
+
+def test_sequence_parallel_rejects_what_it_cannot_run():
+    s = build_spec(methods="race,linear", lengths="256", nproc=2, knobs={"race_M": 2})
+    assert "race_M = 1" in s.unsupported_reason("race")
+    assert "only race" in s.unsupported_reason("linear")
+    assert build_spec(methods="race", lengths="256", nproc=2).unsupported_reason("race") is None

@@ -16,8 +16,9 @@ import torch.distributed as dist
 
 from racebench.bench.spec import SweepSpec
 from racebench.bench.worker import die_with_parent, measure, point_row
-from racebench.methods.race import DEFAULT_BETA, DEFAULT_L, DEFAULT_P, make_planes
+from racebench.methods.race import make_planes
 from racebench.methods.race import parallel as sp
+from racebench.methods.registry import get_method
 
 
 def shard_bounds(T: int, n: int) -> list[int]:
@@ -93,13 +94,11 @@ def _rank_main(spec: SweepSpec, method: str, T: int, bounds: list[int], rank: in
     row = {"rank": rank, "T": T, "threads": torch.get_num_threads(), "status": "error",
            "error": "the rank failed before measuring"}
     try:
-        def build():
-            k = spec.knobs
-            planes = make_planes(k.get("race_L") or DEFAULT_L, k.get("race_P") or DEFAULT_P, spec.D,
-                                 seed=spec.seed).to(spec.device)
-            beta = k.get("race_beta") or DEFAULT_BETA
-            return lambda q, kk, v: sp.race_attention_sp(q, kk, v, planes, beta=beta, causal=spec.causal,
-                                                         normalize=k.get("race_normalize") or "paper")
+        def build():  # race's own defaults fill what the sweep left out
+            k = get_method(method).effective_knobs(spec.build_config(T_local))
+            planes = make_planes(k["race_L"], k["race_P"], spec.D, seed=spec.seed).to(spec.device)
+            return lambda q, kk, v: sp.race_attention_sp(q, kk, v, planes, beta=k["race_beta"], causal=spec.causal,
+                                                         normalize=k["race_normalize"])
 
         def agree(stop: bool) -> bool:
             flag = torch.tensor([int(stop)], device=spec.device)

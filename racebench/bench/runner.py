@@ -12,10 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from racebench.bench.environment import collect_environment
-from racebench.bench.spec import SEQUENCE_PARALLEL, SweepSpec
+from racebench.bench.spec import SweepSpec
 from racebench.bench.worker import child_main, point_row
-from racebench.errors import UnavailableError, UnsupportedError
-from racebench.methods.registry import get_method
 from racebench.results.store import RunStore
 
 FAILURES = ("oom", "timeout")
@@ -95,13 +93,8 @@ class MethodState:
 
 def _plan_row(spec: SweepSpec, method: str, state: MethodState, T: int) -> dict | None:
     """A row recorded without running (unsupported, skipped) when the point should not run, else None."""
-    try:
-        get_method(method).check(spec.device, spec.torch_dtype, spec.causal)
-    except (UnsupportedError, UnavailableError) as exc:
-        return point_row(spec, method, T, status="unsupported", error=str(exc))
-    if spec.nproc > 1 and method not in SEQUENCE_PARALLEL:
-        return point_row(spec, method, T, status="unsupported",
-                         error=f"--nproc: only {', '.join(SEQUENCE_PARALLEL)} runs sequence-parallel")
+    if (why := spec.unsupported_reason(method)) is not None:
+        return point_row(spec, method, T, status="unsupported", error=why)
     if state.failed and state.failed[0] < T:
         return point_row(spec, method, T, status="skipped",
                          error=f"{state.failed[1]} at T = {state.failed[0]}; longer lengths not tried")

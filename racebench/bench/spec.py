@@ -10,8 +10,8 @@ import psutil
 import torch
 
 from racebench.bench.units import geometric_lengths, parse_bytes, parse_duration, parse_length, parse_lengths
-from racebench.errors import UsageError
-from racebench.methods.registry import DTYPES, HAS_CUDA, get_method
+from racebench.errors import UnavailableError, UnsupportedError, UsageError
+from racebench.methods.registry import DTYPES, HAS_CUDA, BuildConfig, get_method
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 SEQUENCE_PARALLEL = ("race",)  # methods that run across --nproc ranks
@@ -67,6 +67,23 @@ class SweepSpec:
         """The protocol's memory floor: q, k, v, o, dq, dk, dv must exist (DESIGN.md)."""
         n = {"fwd": 4, "bwd": 7, "fwd+bwd": 7}[self.mode]
         return n * self.B * self.H * T * self.D * self.torch_dtype.itemsize
+
+    def build_config(self, T: int) -> BuildConfig:
+        return BuildConfig(self.B, self.H, T, self.D, self.torch_dtype, self.device, self.causal, self.seed,
+                           self.knobs)
+
+    def unsupported_reason(self, method: str) -> str | None:
+        """Why `method` cannot run in this sweep, or None. Asked by the runner before it starts a child, and by
+        the child itself, so that no caller measures a combination the method would get wrong."""
+        try:
+            get_method(method).check(self.device, self.torch_dtype, self.causal)
+        except (UnsupportedError, UnavailableError) as exc:
+            return str(exc)
+        if self.nproc > 1 and method not in SEQUENCE_PARALLEL:
+            return f"--nproc: only {', '.join(SEQUENCE_PARALLEL)} runs sequence-parallel"
+        if self.nproc > 1 and (self.knobs.get("race_M") or 1) > 1:
+            return "--nproc: sequence-parallel race runs one ensemble (race_M = 1)"
+        return None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -133,6 +150,12 @@ def build_spec(*, preset: str | None = None, methods: str | None = None, lengths
         get_method(m)  # raises with the list of known methods
     if len(set(method_names)) != len(method_names):
         raise UsageError("--methods lists a method twice")
+    knobs = {k: v for k, v in (knobs or {}).items() if v is not None}
+    for knob in ("race_P", "race_L", "race_M", "race_beta"):
+        if knob in knobs and not knobs[knob] > 0:
+            raise UsageError(f"--{knob.replace('_', '-')} must be positive")
+    if knobs.get("race_normalize", "paper") not in ("paper", "bucket"):
+        raise UsageError(f"--race-normalize must be paper or bucket, not {knobs['race_normalize']!r}")
 
     if "lengths" in opts:
         lens = parse_lengths(opts["lengths"])
@@ -158,7 +181,7 @@ def build_spec(*, preset: str | None = None, methods: str | None = None, lengths
         warmup=max(0, int(opts.get("warmup", 2))), repeats=_positive_int("repeats", opts.get("repeats", 5)),
         time_budget_s=parse_duration(opts.get("time_budget", "60s")), memory_budget_bytes=budget,
         refine=float(refine_prec) if refine_prec is not None else None, seed=int(opts.get("seed", 0)),
-        knobs={k: v for k, v in (knobs or {}).items() if v is not None}, preset=name,
+        knobs=knobs, preset=name,
         nproc=_positive_int("nproc", opts.get("nproc", 1)),
     )
     if spec.nproc > 1 and spec.mode != "fwd+bwd":

@@ -20,8 +20,7 @@ import torch
 
 from racebench.bench import memory
 from racebench.bench.spec import SweepSpec
-from racebench.errors import UnavailableError, UnsupportedError
-from racebench.methods.registry import BuildConfig, get_method
+from racebench.methods.registry import get_method
 
 # Test hooks: method names whose child kills itself with a signal, or returns NaN, to test the engine.
 _TEST_CRASH = "__crash__"
@@ -47,9 +46,7 @@ def point_row(spec: SweepSpec, method: str, T: int, **fields) -> dict:
 def effective_knobs(spec: SweepSpec, method: str) -> dict:
     if method in (_TEST_CRASH, _TEST_NAN):
         return {}
-    m = get_method(method)
-    cfg = BuildConfig(spec.B, spec.H, 1, spec.D, spec.torch_dtype, spec.device, spec.causal, spec.seed, spec.knobs)
-    return m.effective_knobs(cfg)
+    return get_method(method).effective_knobs(spec.build_config(1))
 
 
 def _make_pass(fn, q, k, v, mode, sync):
@@ -95,18 +92,15 @@ def measure_point(spec: SweepSpec, method: str, T: int) -> dict:
         os.kill(os.getpid(), 9)
     if method == _TEST_NAN:
         return measure(spec, point_row(spec, method, T), T, lambda: lambda q, k, v: q * float("nan"), start)
-    m = get_method(method)
-    try:
-        m.check(spec.device, spec.torch_dtype, spec.causal)
-    except (UnsupportedError, UnavailableError) as exc:
-        return point_row(spec, method, T, status="unsupported", error=str(exc))
+    if (why := spec.unsupported_reason(method)) is not None:
+        return point_row(spec, method, T, status="unsupported", error=why)
     if spec.nproc > 1:
         from racebench.bench.parallel_worker import measure_parallel
 
         return measure_parallel(spec, method, T)
+    m = get_method(method)
     row = point_row(spec, method, T, impl=m.impl(spec.device), threads=torch.get_num_threads())
-    cfg = BuildConfig(spec.B, spec.H, T, spec.D, spec.torch_dtype, spec.device, spec.causal, spec.seed, spec.knobs)
-    row = measure(spec, row, T, lambda: m.build(cfg), start)
+    row = measure(spec, row, T, lambda: m.build(spec.build_config(T)), start)
     row.pop("times_ms", None)
     return row
 
