@@ -8,6 +8,7 @@ from conftest import qkv
 
 from racebench.errors import UnavailableError, UnsupportedError, UsageError
 from racebench.methods import BuildConfig, build_method, get_method, list_methods
+from racebench.methods.registry import HAS_CUDA
 from racebench.methods.linear import (
     elu_features,
     favor_features,
@@ -56,6 +57,7 @@ def references(cfg: BuildConfig):
     softmax = lambda q, k, v: softmax_reference(q, k, v, c)  # noqa: E731
     return {
         "race": lambda q, k, v: race_naive(q, k, v, planes, beta=DEFAULT_BETA, causal=c),
+        "race-torch": lambda q, k, v: race_naive(q, k, v, planes, beta=DEFAULT_BETA, causal=c),
         "race-paper": lambda q, k, v: race_naive(q, k, v, planes, beta=1 / math.sqrt(cfg.D) if c else 1.0,
                                                  causal=c, normalize="bucket"),
         "angular": lambda q, k, v: angular_reference(q, k, v, c),
@@ -84,9 +86,27 @@ def test_method_matches_float64_reference(check_close, name, causal, T):
     check_close(fn, references(cfg)[name], q, k, v, tol=1e-5 if T > 1 else 5e-4)
 
 
+CUDA_CASES = [(m.name, causal) for m in list_methods() for causal in (False, True)
+              if HAS_CUDA and m.availability("cuda") is None and (m.causal if causal else m.noncausal)]
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="the CUDA paths need a GPU (scripts/gpu-check.sh runs them)")
+@pytest.mark.parametrize("T", [63, 300])
+@pytest.mark.parametrize("name, causal", CUDA_CASES, ids=[f"{n}-{'causal' if c else 'noncausal'}" for n, c in CUDA_CASES])
+def test_method_on_cuda_matches_float64_reference(check_close, name, causal, T):
+    """Every method that runs on CUDA, in bf16 (all of them take it), by the 2x plain-PyTorch rule."""
+    D = 64
+    cfg = BuildConfig(B=1, H=2, T=T, D=D, dtype=torch.bfloat16, device="cuda", causal=causal,
+                      seed=torch.seed() % 1000)
+    fn = build_method(name, cfg)
+    q, k, v = (x.detach().cuda().requires_grad_() for x in qkv(1, 2, T, D, dtype=torch.bfloat16, scale=0.5))
+    ref = references(cfg)[name]  # its parameters live on the CPU: the reference runs there
+    check_close(fn, lambda q, k, v: ref(q.cpu(), k.cpu(), v.cpu()), q, k, v, tol=2e-2)
+
+
 def test_registry_names_are_the_documented_ones():
     names = {m.name for m in list_methods()}
-    assert {"race", "race-paper", "angular", "flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math",
+    assert {"race", "race-torch", "race-paper", "angular", "flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math",
             "softmax-naive", "linear", "performer", "linformer"} <= names
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -10,7 +11,7 @@ from racebench.errors import UsageError
 from racebench.methods.race.hashing import make_planes, soft_hash
 from racebench.methods.race.lean import race_lean
 from racebench.methods.race.paper import paper_beta, race_paper
-from racebench.methods.registry import BuildConfig, Method, register_method
+from racebench.methods.registry import ALL, HAS_TRITON, BuildConfig, Method, register_method
 
 DEFAULT_P = 3
 DEFAULT_L = 3
@@ -18,11 +19,13 @@ DEFAULT_L = 3
 # percent of the hard SimHash on unnormalized inputs, so `race` estimates angular attention with gamma = P.
 DEFAULT_BETA = 8.0
 NORMALIZATIONS = ("paper", "bucket")
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the Triton kernels take
+IMPLS = ("auto", "triton", "torch")
 
 __all__ = ["race_attention", "make_planes", "soft_hash", "DEFAULT_BETA", "DEFAULT_P", "DEFAULT_L"]
 
 
-def race_attention(q, k, v, planes, *, beta, causal=False, normalize="paper", eps=1e-6):
+def race_attention(q, k, v, planes, *, beta, causal=False, normalize="paper", eps=1e-6, impl="auto"):
     """RACE attention (RACE.md): a soft-LSH estimate of sharpened angular attention, linear in T.
 
     q, k, v: [B, H, T, D]; planes: [L, P, D] Gaussian hyperplanes (see `make_planes`); beta > 0 the soft
@@ -32,9 +35,28 @@ def race_attention(q, k, v, planes, *, beta, causal=False, normalize="paper", ep
       normalize="bucket": o_i = sum_s phi(q_i)_s KV_s / (A_s + eps)
     Returns [B, H, T, D] in q's dtype, differentiable in q, k and v; accumulates in fp32 (fp64 for fp64).
     Memory beyond q, k, v, o and their gradients is O(block * (S + D)), never [T, S, D].
+    impl: "triton" = the fused kernels (fused.py; CUDA, or the CPU under TRITON_INTERPRET=1), "torch" = the
+    PyTorch core (lean.py), "auto" = triton for CUDA inputs the kernels take (fp32/bf16/fp16, S <= 128,
+    D <= 256) when Triton is installed, else torch.
     """
     _validate(q, k, v, planes, beta, normalize)
+    if impl not in IMPLS:
+        raise UsageError(f"impl must be one of {', '.join(IMPLS)}, not {impl!r}")
+    if impl == "auto":
+        impl = "triton" if q.is_cuda and HAS_TRITON and _fused().unsupported_reason(q, planes) is None else "torch"
+    if impl == "triton":
+        if not HAS_TRITON:
+            raise UsageError("impl='triton' needs the triton package (pip install triton)")
+        if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise UsageError("impl='triton' runs on CUDA tensors (on the CPU only under TRITON_INTERPRET=1)")
+        return _fused().race_fused(q, k, v, planes, beta=beta, causal=causal, normalize=normalize, eps=eps)
     return race_lean(q, k, v, planes, beta=beta, causal=causal, normalize=normalize, eps=eps)
+
+
+def _fused():
+    from racebench.methods.race import fused  # imports triton: only when the kernels are wanted
+
+    return fused
 
 
 def _validate(q, k, v, planes, beta, normalize):
@@ -73,13 +95,13 @@ def _race_paper_knobs(cfg: BuildConfig) -> dict:
                 race_normalize="bucket")
 
 
-def _build_race(cfg: BuildConfig):
+def _build_race(cfg: BuildConfig, impl: str):
     P, L, M = _knobs(cfg)
     beta, normalize = cfg.knob("race_beta", DEFAULT_BETA), cfg.knob("race_normalize", "paper")
     planes = make_planes(L, P, cfg.D, seed=cfg.seed, M=M).to(cfg.device)
 
     def race(q, k, v):
-        outs = [race_attention(q, k, v, planes[m], beta=beta, causal=cfg.causal, normalize=normalize)
+        outs = [race_attention(q, k, v, planes[m], beta=beta, causal=cfg.causal, normalize=normalize, impl=impl)
                 for m in range(M)]
         return outs[0] if M == 1 else torch.stack(outs).mean(0)
 
@@ -95,10 +117,25 @@ def _build_race_paper(cfg: BuildConfig):
 
 RACE_KNOBS = ("race_P", "race_L", "race_beta", "race_M", "race_normalize")
 
+
+def _race_impl(device: str) -> str:
+    return "triton" if device == "cuda" and HAS_TRITON else "torch"
+
+
 register_method(Method(
     name="race",
-    description="RACE attention: soft-LSH features + blocked linear-attention core, recomputing backward",
-    build=_build_race,
+    description="RACE attention: fused Triton kernels on CUDA, the PyTorch core (race-torch) elsewhere",
+    build=lambda cfg: _build_race(cfg, _race_impl(cfg.device)),
+    # The kernels take fp32/bf16/fp16; on CUDA without Triton race is race-torch and takes every dtype.
+    support={"cpu": ALL, "cuda": FUSED_DTYPES if HAS_TRITON else ALL},
+    impl=_race_impl,
+    knobs=RACE_KNOBS,
+    effective_knobs=_race_knobs,
+))
+register_method(Method(
+    name="race-torch",
+    description="RACE attention: soft-LSH features + blocked PyTorch linear-attention core, recomputing backward",
+    build=lambda cfg: _build_race(cfg, "torch"),
     knobs=RACE_KNOBS,
     effective_knobs=_race_knobs,
 ))

@@ -1,0 +1,185 @@
+"""RACE on the Triton kernels of kernels.py: the autograd function and the launches.
+
+Non-causal: state_kernel (A, KV per range of keys, summed here) -> out_kernel; backward: dq_kernel (dq and
+per-range shares of the state's gradient) -> dkv_kernel. Causal: state_kernel over ranges of `span` tokens,
+exclusive prefix sum here = the state entering each range -> causal_fwd_kernel walks each range in chunks;
+backward: causal_dq_kernel (dq, and each range's gradient of its entering state) -> suffix sums here ->
+causal_dkv_kernel. Saved for the backward: q, k, v, o, the per-range entering states (S * D floats per
+`span` tokens) and, for the paper normalization, one denominator per token; features are recomputed.
+
+Runs on CUDA, or on the CPU under TRITON_INTERPRET=1 (how the tests check it without a GPU).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from racebench.errors import UsageError
+from racebench.methods.race import FUSED_DTYPES, kernels
+from racebench.methods.race.hashing import corners
+
+TILE = 64  # tokens per non-causal tile
+CHUNK = 64  # tokens per exact causal chunk
+MAX_SPAN = 1024  # tokens per causal range: the saved states cost S * D / MAX_SPAN floats per token
+MAX_FEATURES = 128
+MAX_D = 256
+
+
+def unsupported_reason(q, planes) -> str | None:
+    """Why the kernels cannot run these inputs, or None."""
+    L, P, D = planes.shape
+    if q.dtype not in FUSED_DTYPES:
+        return f"the Triton kernels take fp32, bf16 or fp16, not {q.dtype}"
+    if L * 2**P > MAX_FEATURES:
+        return f"the Triton kernels take up to {MAX_FEATURES} features (L * 2**P), not {L * 2**P}"
+    if D > MAX_D:
+        return f"the Triton kernels take D <= {MAX_D}, not {D}"
+    return None
+
+
+def race_fused(q, k, v, planes, *, beta, causal=False, normalize="paper", eps=1e-6):
+    """RACE attention on [B, H, T, D] through the Triton kernels; same contract as racebench.race_attention."""
+    if (why := unsupported_reason(q, planes)) is not None:
+        raise UsageError(why + "; use the PyTorch implementation (race-torch, impl='torch')")
+    return _FusedRace.apply(q, k, v, planes, float(beta), bool(causal), normalize == "paper", float(eps))
+
+
+class _Hash:
+    """The padded hash parameters the kernels load: W [LPP, BD], G and M [LPP, BS] (see kernels.py)."""
+
+    def __init__(self, planes, D, device):
+        L, P, _ = planes.shape
+        R = 2**P
+        self.S = L * R
+        self.BD = max(16, triton.next_power_of_2(D))
+        self.BS = max(16, triton.next_power_of_2(self.S))
+        self.LPP = max(16, triton.next_power_of_2(L * P))
+        self.W = torch.zeros(self.LPP, self.BD, dtype=torch.float32)
+        self.W[: L * P, :D] = planes.detach().reshape(L * P, D).float().cpu()
+        self.G = torch.zeros(self.LPP, self.BS)
+        self.M = torch.zeros(self.LPP, self.BS)
+        negative = (corners(P) < 0).t().float()  # [P, R]: 1 where corner r has c_rp = -1
+        for l in range(L):
+            self.G[l * P : (l + 1) * P, l * R : (l + 1) * R] = 1
+            self.M[l * P : (l + 1) * P, l * R : (l + 1) * R] = negative
+        self.W, self.G, self.M = (t.to(device) for t in (self.W, self.G, self.M))
+
+    def args(self):
+        return self.W, self.G, self.M
+
+    def meta(self, vprec):
+        return dict(BD=self.BD, BS=self.BS, LPP=self.LPP, VPREC=vprec)
+
+
+def _vprec(dtype):
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _programs(device):
+    """Programs that keep the device busy: a few per streaming multiprocessor (a handful on the interpreter)."""
+    return 4 * (torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1)
+
+
+def _ranges(T, N, device, unit):
+    """Tokens per program (a multiple of `unit`) so that the grid fills the device, and the number of ranges."""
+    per_head = max(1, -(-_programs(device) // N))
+    span = unit * max(1, -(-T // (unit * per_head)))
+    span = min(span, max(unit, MAX_SPAN))
+    return span, -(-T // span)
+
+
+def _strides(x):
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _state(k, v, h, span, n_ranges, beta, vprec):
+    """Per-range sums (A [N, ranges, S], KV [N, ranges, S, D]) of phi(k) and phi(k) v^T."""
+    N, T, D = k.shape
+    A = torch.empty(N, n_ranges, h.S, device=k.device, dtype=torch.float32)
+    KV = torch.empty(N, n_ranges, h.S, D, device=k.device, dtype=torch.float32)
+    kernels.state_kernel[(N, n_ranges)](k, v, *h.args(), A, KV, T, D, h.S, span, beta, *_strides(k), *_strides(v),
+                                        BT=TILE, **h.meta(vprec))
+    return A, KV
+
+
+def _exclusive_cumsum(x):
+    return torch.cat((torch.zeros_like(x[:, :1]), x[:, :-1].cumsum(1)), 1)
+
+
+class _FusedRace(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, planes, beta, causal, paper, eps):
+        B, H, T, D = q.shape
+        N = B * H
+        q3, k3, v3 = (x.reshape(N, T, D).contiguous() for x in (q, k, v))
+        h, vprec = _Hash(planes, D, q.device), _vprec(q.dtype)
+        o = torch.empty_like(q3)
+        if causal:
+            span, n_ranges = _ranges(T, N, q.device, CHUNK)
+            A, KV = _state(k3, v3, h, span, n_ranges, beta, vprec)
+            A0, KV0 = _exclusive_cumsum(A), _exclusive_cumsum(KV)
+            den = torch.empty(N, T if paper else 1, device=q.device, dtype=torch.float32)
+            kernels.causal_fwd_kernel[(N, n_ranges)](q3, k3, v3, o, den, *h.args(), A0, KV0, T, D, h.S, span, beta,
+                                                     eps, *_strides(q3), PAPER=paper, C=CHUNK, **h.meta(vprec))
+            ctx.save_for_backward(q3, k3, v3, o, den, A0, KV0)
+            ctx.span = span
+        else:
+            span, n_ranges = _ranges(T, N, q.device, TILE)
+            A, KV = (x.sum(1) for x in _state(k3, v3, h, span, n_ranges, beta, vprec))
+            Z = KV if paper else KV / (A + eps).unsqueeze(-1)
+            kernels.out_kernel[(N, triton.cdiv(T, TILE))](q3, o, *h.args(), A, Z, T, D, h.S, beta, eps,
+                                                          *_strides(q3), *_strides(o), PAPER=paper, BT=TILE,
+                                                          **h.meta(vprec))
+            ctx.save_for_backward(q3, k3, v3, A, Z)
+        ctx.h, ctx.vprec, ctx.shape = h, vprec, (B, H, T, D)
+        ctx.beta, ctx.causal, ctx.paper, ctx.eps = beta, causal, paper, eps
+        return o.view(B, H, T, D)
+
+    @staticmethod
+    def backward(ctx, do):
+        B, H, T, D = ctx.shape
+        N, h, beta, eps, paper = B * H, ctx.h, ctx.beta, ctx.eps, ctx.paper
+        meta = h.meta(ctx.vprec)
+        do3 = do.reshape(N, T, D)
+        if ctx.causal:
+            q3, k3, v3, o, den, A0, KV0 = ctx.saved_tensors
+            dq, dk, dv = (torch.empty_like(q3) for _ in range(3))
+            n_ranges = A0.shape[1]
+            dA = torch.empty_like(A0)
+            dKV = torch.empty_like(KV0)
+            kernels.causal_dq_kernel[(N, n_ranges)](q3, k3, v3, o, do3, dq, den, *h.args(), A0, KV0, dA, dKV, T, D,
+                                                    h.S, ctx.span, beta, eps, *_strides(q3), *_strides(do3),
+                                                    PAPER=paper, C=CHUNK, **meta)
+            # Gradient of the state leaving each range from every later query: an exclusive suffix sum.
+            dA_after, dKV_after = (_exclusive_cumsum(x.flip(1)).flip(1) for x in (dA, dKV))
+            items = N * n_ranges
+            programs = min(items, _programs(q3.device))
+            n_chunks = ctx.span // CHUNK
+            scratch = (1, 1) if paper else (programs, n_chunks, h.BS)  # see causal_dkv_kernel
+            SA = torch.empty(scratch, device=q3.device, dtype=torch.float32)
+            SKV = torch.empty(*scratch, h.BD if not paper else 1, device=q3.device, dtype=torch.float32)
+            kernels.causal_dkv_kernel[(programs,)](q3, k3, v3, o, do3, dk, dv, den, *h.args(), A0, KV0, dA_after,
+                                                   dKV_after, SA, SKV, T, D, h.S, ctx.span, n_chunks, items,
+                                                   n_ranges, beta, eps, *_strides(q3), *_strides(do3), PAPER=paper,
+                                                   C=CHUNK, **meta)
+        else:
+            q3, k3, v3, A, Z = ctx.saved_tensors
+            dq, dk, dv = (torch.empty_like(q3) for _ in range(3))
+            span, n_ranges = _ranges(T, N, q3.device, TILE)
+            dA = torch.empty(N, n_ranges, h.S, device=q3.device, dtype=torch.float32)
+            dZ = torch.empty(N, n_ranges, h.S, D, device=q3.device, dtype=torch.float32)
+            kernels.dq_kernel[(N, n_ranges)](q3, do3, dq, *h.args(), A, Z, dA, dZ, T, D, h.S, span, beta, eps,
+                                             *_strides(q3), *_strides(do3), *_strides(dq), PAPER=paper, BT=TILE,
+                                             **meta)
+            dA, dZ = dA.sum(1), dZ.sum(1)
+            if paper:
+                dKV = dZ
+            else:  # Z = KV / (A + eps)
+                a_eps = (A + eps).unsqueeze(-1)
+                dA, dKV = -(dZ * Z).sum(-1) / a_eps.squeeze(-1), dZ / a_eps
+            kernels.dkv_kernel[(N, triton.cdiv(T, TILE))](k3, v3, dk, dv, *h.args(), dA, dKV, T, D, h.S, beta,
+                                                          *_strides(k3), *_strides(v3), *_strides(dk), BT=TILE,
+                                                          **meta)
+        shape = (B, H, T, D)
+        return dq.view(shape), dk.view(shape), dv.view(shape), None, None, None, None, None

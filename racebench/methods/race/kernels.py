@@ -1,0 +1,349 @@
+"""Triton kernels of RACE: the soft hash fused into linear-attention tiles (fused.py launches them).
+
+Every kernel works on one head n (program_id 0) and one range of tokens (program_id 1). The soft-hash features
+of a q or k tile are computed in registers and never written out; the backward recomputes them:
+  u = tanh(x W^T), z = 2 beta u,  log phi_(l,r) = sum_p logsigmoid(c_rp z_lp)
+                                             = (logsigmoid(z) @ G - z @ M)_(l,r),
+with G[lp, lr] = 1 (bit p of table l feeds every bucket r of table l) and M[lp, lr] = 1 where corner r has
+c_rp = -1 (logsigmoid(-z) = logsigmoid(z) - z). This is softmax_r(beta <u, c_r>), factorized over bits as in
+hashing.py, with no reduction over a group of 2**P columns. W, G and M are zero-padded to powers of two
+(LPP rows, BD / BS columns); padded features and padded rows are set to exactly zero.
+
+All arithmetic is fp32 whatever the input dtype. The hash's own products always use "ieee" fp32 dots (a
+tf32 rounding of z would move phi by about 1%); VPREC picks the precision of the value products: "ieee" for
+fp32 inputs, "tf32" for bf16/fp16 inputs, whose own rounding is coarser.
+
+Causal kernels walk their token range in chunks of C: exact (masked C x C scores) inside a chunk, state
+(A [S], KV [S, D]) carried in registers from chunk to chunk, starting from the state entering the range
+(computed by _state_kernel and prefix-summed on the host).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _tanh(x):
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x >= 0, t, -t)
+
+
+@triton.jit
+def _features(x, w, g, m, beta, valid, svalid):
+    """x [R, BD] fp32 -> (u [R, LPP], phi [R, BS]); rows not `valid` and features not `svalid` are zero."""
+    u = _tanh(tl.dot(x, tl.trans(w), input_precision="ieee"))
+    z = (2.0 * beta) * u
+    ls = tl.minimum(z, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(z)))  # logsigmoid(z), stable for any z
+    logphi = tl.dot(ls, g, input_precision="ieee") - tl.dot(z, m, input_precision="ieee")
+    phi = tl.where(valid[:, None] & svalid[None, :], tl.exp(logphi), 0.0)
+    return u, phi
+
+
+@triton.jit
+def _features_vjp(u, phi, dphi, w, g, m, beta):
+    """The gradient with respect to x of <phi(x), dphi>, from u and phi of _features: [R, BD]."""
+    gphi = dphi * phi  # d log phi
+    z = (2.0 * beta) * u
+    dz = tl.sigmoid(-z) * tl.dot(gphi, tl.trans(g), input_precision="ieee") \
+        - tl.dot(gphi, tl.trans(m), input_precision="ieee")
+    dh = (2.0 * beta) * dz * (1.0 - u * u)
+    return tl.dot(dh, w, input_precision="ieee")
+
+
+@triton.jit
+def _hash_params(W, G, M, BD: tl.constexpr, BS: tl.constexpr, LPP: tl.constexpr):
+    rl = tl.arange(0, LPP)
+    rd = tl.arange(0, BD)
+    rs = tl.arange(0, BS)
+    w = tl.load(W + rl[:, None] * BD + rd[None, :])
+    g = tl.load(G + rl[:, None] * BS + rs[None, :])
+    m = tl.load(M + rl[:, None] * BS + rs[None, :])
+    return w, g, m
+
+
+@triton.jit
+def _load_rows(X, n, rows, rd, T, D, sn, st, sd):
+    """Rows `rows` of head n of X [N, T, D], as fp32 [len(rows), BD], zero outside T x D."""
+    mask = (rows[:, None] < T) & (rd[None, :] < D)
+    return tl.load(X + n * sn + rows[:, None] * st + rd[None, :] * sd, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_rows(X, n, rows, rd, T, D, sn, st, sd, val):
+    mask = (rows[:, None] < T) & (rd[None, :] < D)
+    tl.store(X + n * sn + rows[:, None] * st + rd[None, :] * sd, val.to(X.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _load_state(A, KV, idx, rs, rd, S, D):
+    """A [.., S] and KV [.., S, D] (contiguous fp32) at flat index idx, zero-padded to [BS] and [BS, BD]."""
+    a = tl.load(A + idx * S + rs, mask=rs < S, other=0.0)
+    kv = tl.load(KV + idx * S * D + rs[:, None] * D + rd[None, :], mask=(rs[:, None] < S) & (rd[None, :] < D),
+                 other=0.0)
+    return a, kv
+
+
+@triton.jit
+def _store_state(A, KV, idx, rs, rd, S, D, a, kv):
+    tl.store(A + idx * S + rs, a, mask=rs < S)
+    tl.store(KV + idx * S * D + rs[:, None] * D + rd[None, :], kv, mask=(rs[:, None] < S) & (rd[None, :] < D))
+
+
+@triton.jit
+def state_kernel(K, V, W, G, M, A_out, KV_out, T, D, S, span, beta, skn, skt, skd, svn, svt, svd,
+                 BT: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, LPP: tl.constexpr, VPREC: tl.constexpr):
+    """A_out[n, p] = sum phi(k_j), KV_out[n, p] = sum phi(k_j) v_j^T over the keys of range p (span tokens)."""
+    n, p = tl.program_id(0), tl.program_id(1)
+    rd, rs, rt = tl.arange(0, BD), tl.arange(0, BS), tl.arange(0, BT)
+    w, g, m = _hash_params(W, G, M, BD, BS, LPP)
+    a = tl.zeros([BS], tl.float32)
+    kv = tl.zeros([BS, BD], tl.float32)
+    for i in range(0, span, BT):
+        rows = p * span + i + rt
+        k = _load_rows(K, n, rows, rd, T, D, skn, skt, skd)
+        v = _load_rows(V, n, rows, rd, T, D, svn, svt, svd)
+        _, phi = _features(k, w, g, m, beta, rows < T, rs < S)
+        a += tl.sum(phi, 0)
+        kv += tl.dot(tl.trans(phi), v, input_precision=VPREC)
+    _store_state(A_out, KV_out, n * tl.num_programs(1) + p, rs, rd, S, D, a, kv)
+
+
+# ----------------------------------------------------------------------------- non-causal
+
+
+@triton.jit
+def out_kernel(Q, O, W, G, M, A, Z, T, D, S, beta, eps, sqn, sqt, sqd, son, sot, sod,
+               PAPER: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, LPP: tl.constexpr,
+               VPREC: tl.constexpr):
+    """o = phi(q) Z, divided by phi(q) . A + eps for the paper normalization (Z = KV there, KV / (A + eps) for
+    the bucket one)."""
+    n, p = tl.program_id(0), tl.program_id(1)
+    rd, rs = tl.arange(0, BD), tl.arange(0, BS)
+    rows = p * BT + tl.arange(0, BT)
+    w, g, m = _hash_params(W, G, M, BD, BS, LPP)
+    a, z = _load_state(A, Z, n, rs, rd, S, D)
+    _, phi = _features(_load_rows(Q, n, rows, rd, T, D, sqn, sqt, sqd), w, g, m, beta, rows < T, rs < S)
+    o = tl.dot(phi, z, input_precision=VPREC)
+    if PAPER:
+        o = o / (tl.sum(phi * a[None, :], 1) + eps)[:, None]
+    _store_rows(O, n, rows, rd, T, D, son, sot, sod, o)
+
+
+@triton.jit
+def dq_kernel(Q, DO, DQ, W, G, M, A, Z, dA_out, dZ_out, T, D, S, span, beta, eps,
+              sqn, sqt, sqd, sgn, sgt, sgd, sdn, sdt, sdd,
+              PAPER: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, LPP: tl.constexpr,
+              VPREC: tl.constexpr):
+    """dq of range p, and its share of the state's gradient: (dA, dKV) for the paper normalization, the
+    gradient of Z = KV / (A + eps) for the bucket one (the host turns it into dA, dKV)."""
+    n, p = tl.program_id(0), tl.program_id(1)
+    rd, rs, rt = tl.arange(0, BD), tl.arange(0, BS), tl.arange(0, BT)
+    w, g, m = _hash_params(W, G, M, BD, BS, LPP)
+    a, z = _load_state(A, Z, n, rs, rd, S, D)
+    da = tl.zeros([BS], tl.float32)
+    dz = tl.zeros([BS, BD], tl.float32)
+    for i in range(0, span, BT):
+        rows = p * span + i + rt
+        gr = _load_rows(DO, n, rows, rd, T, D, sgn, sgt, sgd)
+        u, phi = _features(_load_rows(Q, n, rows, rd, T, D, sqn, sqt, sqd), w, g, m, beta, rows < T, rs < S)
+        gz = tl.dot(gr, tl.trans(z), input_precision=VPREC)  # [BT, BS]
+        if PAPER:
+            den = tl.sum(phi * a[None, :], 1) + eps
+            wt = tl.sum(phi * gz, 1) / (den * den)
+            dphi = gz / den[:, None] - a[None, :] * wt[:, None]
+            dz += tl.dot(tl.trans(phi / den[:, None]), gr, input_precision=VPREC)
+            da -= tl.sum(phi * wt[:, None], 0)
+        else:
+            dphi = gz
+            dz += tl.dot(tl.trans(phi), gr, input_precision=VPREC)
+        _store_rows(DQ, n, rows, rd, T, D, sdn, sdt, sdd, _features_vjp(u, phi, dphi, w, g, m, beta))
+    _store_state(dA_out, dZ_out, n * tl.num_programs(1) + p, rs, rd, S, D, da, dz)
+
+
+@triton.jit
+def dkv_kernel(K, V, DK, DV, W, G, M, dA, dKV, T, D, S, beta, skn, skt, skd, svn, svt, svd,
+               sdn, sdt, sdd, BT: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, LPP: tl.constexpr,
+               VPREC: tl.constexpr):
+    """dk, dv of one tile from the state's gradient (dA [S], dKV [S, D]); dk, dv share strides."""
+    n, p = tl.program_id(0), tl.program_id(1)
+    rd, rs = tl.arange(0, BD), tl.arange(0, BS)
+    rows = p * BT + tl.arange(0, BT)
+    w, g, m = _hash_params(W, G, M, BD, BS, LPP)
+    da, dkv = _load_state(dA, dKV, n, rs, rd, S, D)
+    v = _load_rows(V, n, rows, rd, T, D, svn, svt, svd)
+    u, phi = _features(_load_rows(K, n, rows, rd, T, D, skn, skt, skd), w, g, m, beta, rows < T, rs < S)
+    dphi = da[None, :] + tl.dot(v, tl.trans(dkv), input_precision=VPREC)
+    _store_rows(DV, n, rows, rd, T, D, sdn, sdt, sdd, tl.dot(phi, dkv, input_precision=VPREC))
+    _store_rows(DK, n, rows, rd, T, D, sdn, sdt, sdd, _features_vjp(u, phi, dphi, w, g, m, beta))
+
+
+# ----------------------------------------------------------------------------- causal
+
+
+@triton.jit
+def causal_fwd_kernel(Q, K, V, O, DEN, W, G, M, A0, KV0, T, D, S, span, beta, eps, sn, st, sd,
+                      PAPER: tl.constexpr, C: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
+                      LPP: tl.constexpr, VPREC: tl.constexpr):
+    """o over range p, from the state entering it (A0, KV0 [N, ranges, ..]); DEN [N, T] keeps the paper
+    normalization's denominators for the backward. q, k, v, o share strides."""
+    n, p = tl.program_id(0), tl.program_id(1)
+    rd, rs, rc = tl.arange(0, BD), tl.arange(0, BS), tl.arange(0, C)
+    causal = rc[:, None] >= rc[None, :]
+    w, g, m = _hash_params(W, G, M, BD, BS, LPP)
+    a, kv = _load_state(A0, KV0, n * tl.num_programs(1) + p, rs, rd, S, D)
+    for i in range(0, span, C):
+        rows = p * span + i + rc
+        valid = rows < T
+        v = _load_rows(V, n, rows, rd, T, D, sn, st, sd)
+        _, fq = _features(_load_rows(Q, n, rows, rd, T, D, sn, st, sd), w, g, m, beta, valid, rs < S)
+        _, fk = _features(_load_rows(K, n, rows, rd, T, D, sn, st, sd), w, g, m, beta, valid, rs < S)
+        if PAPER:
+            scores = tl.where(causal, tl.dot(fq, tl.trans(fk), input_precision=VPREC), 0.0)
+            den = tl.sum(fq * a[None, :], 1) + tl.sum(scores, 1) + eps
+            o = (tl.dot(fq, kv, input_precision=VPREC) + tl.dot(scores, v, input_precision=VPREC)) / den[:, None]
+            tl.store(DEN + n * T + rows, den, mask=valid)
+        else:
+            qf = fq / (a[None, :] + tl.cumsum(fk, 0) + eps)  # A_t sums the keys j <= t
+            scores = tl.where(causal, tl.dot(qf, tl.trans(fk), input_precision=VPREC), 0.0)
+            o = tl.dot(qf, kv, input_precision=VPREC) + tl.dot(scores, v, input_precision=VPREC)
+        _store_rows(O, n, rows, rd, T, D, sn, st, sd, o)
+        a += tl.sum(fk, 0)
+        kv += tl.dot(tl.trans(fk), v, input_precision=VPREC)
+
+
+@triton.jit
+def _load_den(DEN, n, rows, valid, T, PAPER: tl.constexpr, C: tl.constexpr):
+    if PAPER:  # noqa: SIM108 (a static if: Triton compiles one branch)
+        den = tl.load(DEN + n * T + rows, mask=valid, other=1.0)
+    else:
+        den = tl.zeros([C], tl.float32)
+    return den
+
+
+@triton.jit
+def _causal_chunk_grads(fq, fk, v, gr, o, den, a, kv, causal, eps, PAPER: tl.constexpr, VPREC: tl.constexpr):
+    """The gradient pieces of one chunk shared by both backward walks.
+
+    Returns (dfq: gradient of phi(q), dS: gradient of the masked scores, qf: the query features the
+    scores use, dst_kv [BS, BD] and dst_a [BS]: this chunk's queries' gradient of the state entering the
+    chunk, da_t [C, BS]: its rows sum to dst_a; for the bucket normalization row t is the gradient of A_t,
+    which the keys j <= t of the chunk also receive)."""
+    if PAPER:
+        dnum = gr / den[:, None]
+        dden = -tl.sum(dnum * o, 1)
+        dS = tl.where(causal, tl.dot(dnum, tl.trans(v), input_precision=VPREC) + dden[:, None], 0.0)
+        dfq = tl.dot(dnum, tl.trans(kv), input_precision=VPREC) + dden[:, None] * a[None, :] \
+            + tl.dot(dS, fk, input_precision=VPREC)
+        qf = fq
+        dst_kv = tl.dot(tl.trans(fq), dnum, input_precision=VPREC)
+        da_t = fq * dden[:, None]
+    else:
+        a_eps = a[None, :] + tl.cumsum(fk, 0) + eps
+        qf = fq / a_eps
+        dnum = gr
+        dS = tl.where(causal, tl.dot(gr, tl.trans(v), input_precision=VPREC), 0.0)
+        dqf = tl.dot(gr, tl.trans(kv), input_precision=VPREC) + tl.dot(dS, fk, input_precision=VPREC)
+        dfq = dqf / a_eps
+        da_t = -(dqf * qf) / a_eps
+        dst_kv = tl.dot(tl.trans(qf), gr, input_precision=VPREC)
+    return dfq, dS, qf, dnum, dst_kv, tl.sum(da_t, 0), da_t
+
+
+@triton.jit
+def causal_dq_kernel(Q, K, V, O, DO, DQ, DEN, W, G, M, A0, KV0, dA_out, dKV_out, T, D, S, span, beta, eps,
+                     sn, st, sd, sgn, sgt, sgd, PAPER: tl.constexpr, C: tl.constexpr, BD: tl.constexpr,
+                     BS: tl.constexpr, LPP: tl.constexpr, VPREC: tl.constexpr):
+    """First backward walk (forward order): dq over range p, and the range's total gradient of the state
+    entering it (dA_out, dKV_out [N, ranges, ..]), which the host suffix-sums for the second walk.
+    q, k, v, o, dq share strides; do has its own."""
+    n, p = tl.program_id(0), tl.program_id(1)
+    rd, rs, rc = tl.arange(0, BD), tl.arange(0, BS), tl.arange(0, C)
+    causal = rc[:, None] >= rc[None, :]
+    w, g, m = _hash_params(W, G, M, BD, BS, LPP)
+    idx = n * tl.num_programs(1) + p
+    a, kv = _load_state(A0, KV0, idx, rs, rd, S, D)
+    tot_a = tl.zeros([BS], tl.float32)
+    tot_kv = tl.zeros([BS, BD], tl.float32)
+    for i in range(0, span, C):
+        rows = p * span + i + rc
+        valid = rows < T
+        v = _load_rows(V, n, rows, rd, T, D, sn, st, sd)
+        gr = _load_rows(DO, n, rows, rd, T, D, sgn, sgt, sgd)
+        uq, fq = _features(_load_rows(Q, n, rows, rd, T, D, sn, st, sd), w, g, m, beta, valid, rs < S)
+        _, fk = _features(_load_rows(K, n, rows, rd, T, D, sn, st, sd), w, g, m, beta, valid, rs < S)
+        o = _load_rows(O, n, rows, rd, T, D, sn, st, sd)
+        den = _load_den(DEN, n, rows, valid, T, PAPER, C)
+        dfq, _, _, _, dst_kv, dst_a, _ = _causal_chunk_grads(fq, fk, v, gr, o, den, a, kv, causal, eps, PAPER,
+                                                             VPREC)
+        _store_rows(DQ, n, rows, rd, T, D, sn, st, sd, _features_vjp(uq, fq, dfq, w, g, m, beta))
+        tot_kv += dst_kv
+        tot_a += dst_a
+        a += tl.sum(fk, 0)
+        kv += tl.dot(tl.trans(fk), v, input_precision=VPREC)
+    _store_state(dA_out, dKV_out, idx, rs, rd, S, D, tot_a, tot_kv)
+
+
+@triton.jit
+def causal_dkv_kernel(Q, K, V, O, DO, DK, DV, DEN, W, G, M, A0, KV0, dA_after, dKV_after, SA, SKV, T, D, S, span,
+                      n_chunks, items, n_ranges, beta, eps, sn, st, sd, sgn, sgt, sgd, PAPER: tl.constexpr,
+                      C: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, LPP: tl.constexpr, VPREC: tl.constexpr):
+    """Second backward walk: dk, dv, range by range (a persistent grid: each program takes ranges
+    pid, pid + programs, ...), each range walked in reverse chunk order.
+
+    (dA_after, dKV_after) is the gradient of the state leaving a range from every later query. Walking
+    backwards, each chunk's own share is added after its keys are done, so the gradient from later queries
+    is a sum, never a difference: the share of a query with a tiny denominator can be 1e6 times larger than
+    the rest, and subtracting it from a total would leave only rounding error. The bucket normalization
+    also needs the forward state at each chunk: a forward sub-walk writes them to this program's scratch
+    rows (SA [programs, n_chunks, BS], SKV [programs, n_chunks, BS, BD]), so scratch is bounded by the
+    grid, not by T."""
+    pid = tl.program_id(0)
+    rd, rs, rc = tl.arange(0, BD), tl.arange(0, BS), tl.arange(0, C)
+    causal = rc[:, None] >= rc[None, :]
+    w, g, m = _hash_params(W, G, M, BD, BS, LPP)
+    for item in range(pid, items, tl.num_programs(0)):
+        n, p = item // n_ranges, item % n_ranges
+        a = tl.zeros([BS], tl.float32)
+        kv = tl.zeros([BS, BD], tl.float32)
+        if not PAPER:
+            tl.debug_barrier()  # the previous range's reads of scratch are done
+            a, kv = _load_state(A0, KV0, item, rs, rd, S, D)
+            for c in range(0, n_chunks):
+                rows = p * span + c * C + rc
+                tl.store(SA + (pid * n_chunks + c) * BS + rs, a)
+                tl.store(SKV + (pid * n_chunks + c) * BS * BD + rs[:, None] * BD + rd[None, :], kv)
+                v = _load_rows(V, n, rows, rd, T, D, sn, st, sd)
+                _, fk = _features(_load_rows(K, n, rows, rd, T, D, sn, st, sd), w, g, m, beta, rows < T, rs < S)
+                a += tl.sum(fk, 0)
+                kv += tl.dot(tl.trans(fk), v, input_precision=VPREC)
+            tl.debug_barrier()  # scratch written by all threads before any reads it
+        later_a, later_kv = _load_state(dA_after, dKV_after, item, rs, rd, S, D)
+        for j in range(0, n_chunks):
+            c = n_chunks - 1 - j
+            rows = p * span + c * C + rc
+            valid = rows < T
+            if not PAPER:
+                a = tl.load(SA + (pid * n_chunks + c) * BS + rs)
+                kv = tl.load(SKV + (pid * n_chunks + c) * BS * BD + rs[:, None] * BD + rd[None, :])
+            v = _load_rows(V, n, rows, rd, T, D, sn, st, sd)
+            gr = _load_rows(DO, n, rows, rd, T, D, sgn, sgt, sgd)
+            _, fq = _features(_load_rows(Q, n, rows, rd, T, D, sn, st, sd), w, g, m, beta, valid, rs < S)
+            uk, fk = _features(_load_rows(K, n, rows, rd, T, D, sn, st, sd), w, g, m, beta, valid, rs < S)
+            o = _load_rows(O, n, rows, rd, T, D, sn, st, sd)
+            den = _load_den(DEN, n, rows, valid, T, PAPER, C)
+            _, dS, qf, dnum, dst_kv, dst_a, da_t = _causal_chunk_grads(fq, fk, v, gr, o, den, a, kv, causal, eps,
+                                                                       PAPER, VPREC)
+            scores = tl.where(causal, tl.dot(qf, tl.trans(fk), input_precision=VPREC), 0.0)
+            dfk = tl.dot(tl.trans(dS), qf, input_precision=VPREC) + later_a[None, :] \
+                + tl.dot(v, tl.trans(later_kv), input_precision=VPREC)
+            if not PAPER:
+                dfk += tl.cumsum(da_t, 0, reverse=True)  # key j feeds A_t for every t >= j in the chunk
+            dv = tl.dot(tl.trans(scores), dnum, input_precision=VPREC) \
+                + tl.dot(fk, later_kv, input_precision=VPREC)
+            _store_rows(DV, n, rows, rd, T, D, sn, st, sd, dv)
+            _store_rows(DK, n, rows, rd, T, D, sn, st, sd, _features_vjp(uk, fk, dfk, w, g, m, beta))
+            later_kv += dst_kv
+            later_a += dst_a

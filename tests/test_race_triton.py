@@ -1,0 +1,158 @@
+"""The fused Triton kernels (racebench.methods.race.fused) against the float64 specification.
+
+On CUDA they run natively; elsewhere on Triton's interpreter (conftest sets TRITON_INTERPRET=1), which runs
+the same kernel code on the CPU, so CI checks the kernels without a GPU. Sizes are kept small for the
+interpreter; T = 200 and 4100 cover several chunks, several per-program ranges and ragged tails."""
+
+import pytest
+import torch
+from conftest import qkv, rel_err
+
+from racebench import make_planes, race_attention
+from racebench.errors import UsageError
+from racebench.methods.race.hashing import soft_hash
+from racebench.methods.race.naive import race_naive
+from racebench.methods.registry import HAS_TRITON, get_method
+
+pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+NORMS = ["paper", "bucket"]
+# fp32 allowance on top of the 2x rule: with few keys the bucket normalization's dk is a difference of nearly
+# equal terms (exactly ~0 at T = 1), where the PyTorch core in fp32 also lands 1e-5..1e-4 from float64; a
+# wrong term costs 1e-2 or more.
+TOL32 = 3e-4
+CAUSAL = pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+
+
+def fused(planes, **kw):
+    return lambda q, k, v: race_attention(q, k, v, planes.to(q.device), impl="triton", **kw)
+
+
+def spec(planes, **kw):
+    return lambda q, k, v: race_naive(q, k, v, planes.to(q.device, q.dtype), **kw)
+
+
+def on_device(*xs):
+    return [x.detach().to(DEV).requires_grad_() for x in xs]
+
+
+@CAUSAL
+@pytest.mark.parametrize("normalize", NORMS)
+@pytest.mark.parametrize("T,D", [(1, 64), (63, 60), (200, 128)])
+def test_fused_matches_spec(check_close, causal, normalize, T, D):
+    q, k, v = on_device(*qkv(2, 2, T, D, dtype=torch.float32))
+    planes = make_planes(3, 3, D, seed=torch.seed() % 1000)
+    kw = dict(beta=8.0, causal=causal, normalize=normalize)
+    check_close(fused(planes, **kw), spec(planes, **kw), q, k, v, tol=TOL32)
+
+
+@CAUSAL
+@pytest.mark.parametrize("L,P", [(1, 1), (2, 5), (4, 5)], ids=["S2", "S64", "S128"])
+def test_fused_feature_counts(check_close, causal, L, P):
+    """From 2 features to the kernels' limit of 128 (padded to powers of two inside)."""
+    q, k, v = on_device(*qkv(1, 2, 150, 64, dtype=torch.float32))
+    planes = make_planes(L, P, 64, seed=torch.seed() % 1000)
+    kw = dict(beta=4.0, causal=causal, normalize="paper")
+    check_close(fused(planes, **kw), spec(planes, **kw), q, k, v, tol=TOL32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@CAUSAL
+@pytest.mark.parametrize("normalize", NORMS)
+def test_fused_low_precision(check_close, dtype, causal, normalize):
+    """Half inputs, fp32 accumulation: at most twice the error of plain PyTorch in the same dtype."""
+    q, k, v = on_device(*qkv(1, 2, 130, 64, dtype=dtype))
+    planes = make_planes(3, 3, 64, seed=torch.seed() % 1000)
+    kw = dict(beta=8.0, causal=causal, normalize=normalize)
+    check_close(fused(planes, **kw), spec(planes, **kw), q, k, v, tol=1e-3)
+
+
+@CAUSAL
+@pytest.mark.parametrize("normalize", NORMS)
+def test_fused_long_sequence(causal, normalize):
+    """4100 tokens in fp32 against float64: many ranges of chunks carrying state, a ragged last chunk."""
+    T, D = 4100, 64
+    q, k, v = (x.detach() for x in qkv(1, 2, T, D))
+    g = torch.randn(1, 2, T, D, dtype=torch.float64)
+    planes = make_planes(3, 3, D, seed=torch.seed() % 1000)
+    kw = dict(beta=8.0, causal=causal, normalize=normalize)
+    x64 = [x.clone().requires_grad_() for x in (q, k, v)]
+    o = race_naive(*x64, planes.double(), **kw) if not causal else race_attention(*x64, planes.double(), **kw)
+    want = (o, *torch.autograd.grad(o, x64, g))
+    x32 = on_device(*(x.float() for x in (q, k, v)))
+    o = fused(planes, **kw)(*x32)
+    got = (o, *torch.autograd.grad(o, x32, g.float().to(DEV)))
+    for name, a, b in zip(("o", "dq", "dk", "dv"), got, want):
+        assert rel_err(a.cpu(), b) < 1e-4, name
+
+
+@pytest.mark.parametrize("normalize", NORMS)
+def test_fused_tiny_denominator_keeps_gradients(normalize):
+    """A first query pointing away from the first key has a denominator near eps, and its share of the
+    state's gradient is ~1e6 times the rest: the backward must sum later shares, never subtract them."""
+    T, D = 300, 32
+    q, k, v = (x.detach() for x in qkv(1, 1, T, D))
+    q[..., 0, :] = -4 * k[..., 0, :]
+    g = torch.randn(1, 1, T, D, dtype=torch.float64)
+    planes = make_planes(3, 3, D, seed=torch.seed() % 1000)
+    kw = dict(beta=8.0, causal=True, normalize=normalize)
+    x64 = [x.clone().requires_grad_() for x in (q, k, v)]
+    o = race_naive(*x64, planes.double(), **kw)
+    want = (o, *torch.autograd.grad(o, x64, g))
+    x32 = on_device(*(x.float() for x in (q, k, v)))
+    o = fused(planes, **kw)(*x32)
+    got = (o, *torch.autograd.grad(o, x32, g.float().to(DEV)))
+    fq0, fk0 = (soft_hash(x[0, 0, 0], planes.double(), 8.0) for x in (q, k))
+    assert (fq0 * fk0).sum() < 1e-4  # the construction does give query 0 a near-empty denominator
+    for name, a, b in zip(("o", "dq", "dk", "dv"), got, want):
+        assert rel_err(a.cpu(), b) < 1e-4, name
+
+
+@CAUSAL
+def test_fused_takes_broadcast_gradient(causal):
+    """o.sum().backward() hands the kernels a stride-0 gradient."""
+    q, k, v = on_device(*qkv(1, 2, 100, 64, dtype=torch.float32))
+    planes = make_planes(3, 3, 64, seed=5)
+    kw = dict(beta=8.0, causal=causal)
+    fused(planes, **kw)(q, k, v).sum().backward()
+    ref = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    spec(planes, **kw)(*ref).sum().backward()
+    for a, b in zip((q, k, v), ref):
+        assert rel_err(a.grad.cpu(), b.grad) < 1e-4
+
+
+def test_fused_refuses_what_it_cannot_run():
+    q, k, v = qkv(1, 1, 8, 16)  # float64
+    planes = make_planes(3, 3, 16).double()
+    with pytest.raises(UsageError, match="fp32, bf16 or fp16.*race-torch"):
+        race_attention(q, k, v, planes, beta=8.0, impl="triton")
+    q32 = q.float()
+    with pytest.raises(UsageError, match="up to 128 features"):
+        race_attention(q32, q32, q32, make_planes(2, 7, 16), beta=8.0, impl="triton")
+    with pytest.raises(UsageError, match="impl must be one of"):
+        race_attention(q32, q32, q32, planes.float(), beta=8.0, impl="cuda")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU error")
+def test_fused_needs_cuda_or_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    q = torch.randn(1, 1, 8, 16)
+    with pytest.raises(UsageError, match="CUDA tensors"):
+        race_attention(q, q, q, make_planes(3, 3, 16), beta=8.0, impl="triton")
+
+
+def test_auto_picks_torch_on_cpu_and_triton_on_cuda(monkeypatch):
+    """impl='auto' follows the inputs' device; the registry reports the same choice."""
+    calls = []
+    import racebench.methods.race.fused as fused_mod
+
+    monkeypatch.setattr(fused_mod, "race_fused", lambda *a, **kw: calls.append("triton"))
+    q = torch.randn(1, 1, 8, 16)
+    race_attention(q, q, q, make_planes(3, 3, 16), beta=8.0)
+    assert calls == []
+    assert get_method("race").impl("cpu") == "torch" and get_method("race").impl("cuda") == "triton"
+    assert get_method("race-torch").impl("cuda") == "torch"
+    if torch.cuda.is_available():
+        qc = q.cuda()
+        race_attention(qc, qc, qc, make_planes(3, 3, 16).cuda(), beta=8.0)
+        assert calls == ["triton"]
