@@ -10,7 +10,7 @@ TORCH ?= torch==2.13.0
 PIP_FLAGS ?= -q --disable-pip-version-check
 BIN := $(VENV)/bin
 
-.PHONY: install run test lint bench-race clean
+.PHONY: install run test lint bench-race gpu-check clean
 
 install:
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,3 +40,9 @@ bench-race: install
 		--memory-budget 8GiB --refine 0.05 --out results/bench-race-causal-$(STAMP)
 	$(BENCH) --methods race --min-len 2^16 --max-len 2^20 --time-budget 5m --memory-budget 4GiB --refine 0.02 \
 		--out results/bench-race-threshold-$(STAMP)
+
+# Every GPU check and timing in about 8 minutes, with the machine's own python (nothing installed): the native
+# GPU tests, ceilings, paper-protocol and causal sweeps, plots, reports, targets; all under $(OUT).
+OUT ?= results/gpu-check
+gpu-check:
+	OUT=$(OUT) scripts/gpu-check.sh

@@ -8,7 +8,6 @@ from conftest import qkv
 
 from racebench.errors import UnavailableError, UnsupportedError, UsageError
 from racebench.methods import BuildConfig, build_method, get_method, list_methods
-from racebench.methods.registry import HAS_CUDA
 from racebench.methods.linear import (
     elu_features,
     favor_features,
@@ -18,6 +17,7 @@ from racebench.methods.linear import (
 )
 from racebench.methods.race import DEFAULT_BETA, make_planes
 from racebench.methods.race.naive import race_naive
+from racebench.methods.registry import HAS_CUDA
 
 
 def quadratic_linear(fq, fk, v, causal, eps=1e-6):
@@ -92,7 +92,8 @@ CUDA_CASES = [(m.name, causal) for m in list_methods() for causal in (False, Tru
 
 @pytest.mark.skipif(not HAS_CUDA, reason="the CUDA paths need a GPU (scripts/gpu-check.sh runs them)")
 @pytest.mark.parametrize("T", [63, 300])
-@pytest.mark.parametrize("name, causal", CUDA_CASES, ids=[f"{n}-{'causal' if c else 'noncausal'}" for n, c in CUDA_CASES])
+@pytest.mark.parametrize("name, causal", CUDA_CASES,
+                         ids=[f"{n}-{'causal' if c else 'noncausal'}" for n, c in CUDA_CASES])
 def test_method_on_cuda_matches_float64_reference(check_close, name, causal, T):
     """Every method that runs on CUDA, in bf16 (all of them take it), by the 2x plain-PyTorch rule."""
     D = 64

@@ -1,0 +1,85 @@
+"""The GPU targets (issue 6) from a paper-protocol run and the device's ceilings, as a markdown table.
+
+    python benchmarks/gpu_targets.py RUN [RUN ...] --ceilings ceilings.json [--at 2^22]
+
+1. race's OOM threshold against the floor-limited length: device memory (and the sweep's memory budget)
+   divided by the floor, 7 * H * D * element bytes per token (q, k, v, o and their three gradients).
+2. race fwd+bwd at --at against the time needed just to move its bytes at the measured copy bandwidth: one
+   step reads q, k, v, writes o (forward), reads q, k, v, dO and writes dq, dk, dv (backward): 11 passes
+   over a [B, H, T, D] tensor.
+3. race against race-paper (and race-torch) at --at, from the same run.
+Nothing is estimated: a figure whose points are missing is printed as missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pandas as pd
+
+from racebench.bench.units import parse_length
+from racebench.results.store import load_run
+from racebench.results.summary import thresholds
+
+BYTE_PASSES = 11
+
+
+def _time_at(df, method, T):
+    rows = df[(df.method == method) & (df["T"] == T) & (df.status == "ok")]
+    return None if rows.empty else float(rows.iloc[0].time_ms)
+
+
+def targets(runs: list[str], ceilings: dict, at: int) -> str:
+    metas, frames = zip(*(load_run(r) for r in runs))
+    df = pd.concat(frames, ignore_index=True)
+    df = df[~df.causal.astype(bool)]
+    env, spec = metas[0]["environment"], metas[0]["spec"]
+    B, H, D = spec["B"], spec["H"], spec["D"]
+    elt = {"bf16": 2, "fp16": 2, "fp32": 4}[spec["dtype"]]
+    lines = [f"Device: {env.get('gpu') or ceilings['device']}; B={B}, H={H}, D={D}, {spec['dtype']}, non-causal, "
+             f"fwd+bwd. Copy bandwidth {ceilings['copy_bytes_per_s'] / 1e9:.0f} GB/s (read + write).", "",
+             "| target | measured | goal |", "|---|---|---|"]
+    th = thresholds(df[df.method == "race"])
+    floor = 7 * H * D * elt * B
+    if len(th) and th.iloc[0].max_ok_T:
+        ok, fail = int(th.iloc[0].max_ok_T), th.iloc[0].fail_T
+        totals = (("device memory", env.get("gpu_memory_bytes")), ("memory budget", spec["memory_budget_bytes"]))
+        for what, total in totals:
+            if total:
+                limit = total / floor
+                lines.append(f"| race's largest context / floor-limited length ({what} {total / 2**30:.1f} GiB / "
+                             f"{floor} B per token = {limit:,.0f}) | {ok:,} / {limit:,.0f} = {ok / limit:.3f}"
+                             f"{'' if pd.isna(fail) else f' (first failure {int(fail):,}: {th.iloc[0].cause})'} "
+                             f"| >= 0.9 |")
+    else:
+        lines.append("| race's OOM threshold | missing: no race point completed | >= 0.9 of the floor-limited length |")
+    t_race = _time_at(df, "race", at)
+    tensor_bytes = B * H * at * D * elt
+    move_ms = BYTE_PASSES * tensor_bytes / ceilings["copy_bytes_per_s"] * 1e3
+    if t_race is not None:
+        lines.append(f"| race at T = {at:,} / time to move its bytes ({BYTE_PASSES} x {tensor_bytes / 2**30:.2f} "
+                     f"GiB at the copy bandwidth = {move_ms:.2f} ms) | {t_race:.2f} ms / {move_ms:.2f} ms = "
+                     f"{t_race / move_ms:.2f}x | <= 3x |")
+        for other in ("race-paper", "race-torch"):
+            t = _time_at(df, other, at)
+            measured = "missing (no ok point)" if t is None else f"{t:.2f} ms / {t_race:.2f} ms = {t / t_race:.2f}x"
+            lines.append(f"| {other} / race at T = {at:,} | {measured} | {'>= 3x' if other == 'race-paper' else '-'} |")
+    else:
+        lines.append(f"| race at T = {at:,} | missing: no ok point | within 3x of {move_ms:.2f} ms |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+")
+    parser.add_argument("--ceilings", required=True, help="JSON written by benchmarks/ceilings.py --json")
+    parser.add_argument("--at", default="2^22", help="length for the time targets (default 2^22)")
+    args = parser.parse_args()
+    with open(args.ceilings) as f:
+        ceilings = json.load(f)
+    print(targets(args.runs, ceilings, parse_length(args.at)))
+
+
+if __name__ == "__main__":
+    main()

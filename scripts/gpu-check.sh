@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Every GPU check and timing of racebench in one run of about 8 minutes, on a machine where nothing can be
+# installed (torch and triton present): the native GPU tests, the device's ceilings, the paper-protocol sweep
+# (B=1, H=4, D=128, bf16, non-causal, fwd+bwd) of race, race-torch, race-paper, flash, linear and performer from
+# 2^12 to each method's threshold (race's OOM threshold refined to 5%), a causal sweep of race against flash
+# for their crossover, then plots, reports and the README's GPU targets, all under $OUT.
+#
+#   OUT=/tmp/gpu scripts/gpu-check.sh        # or: make gpu-check (OUT defaults to results/gpu-check)
+#
+# Each stage runs under its own time limit (seconds below) so one slow stage cannot starve the rest; a sweep
+# stopped by its limit still leaves a valid run (racebench finishes its table on SIGTERM).
+# A dry run of the plumbing on a CPU (the kernels on Triton's interpreter):
+#   DEVICE=cpu MAX_LEN=2^14 CAUSAL_MAX_LEN=2^12 OUT=/tmp/dry scripts/gpu-check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-results/gpu-check}
+PY=${PYTHON:-python}
+DEVICE=${DEVICE:-cuda}
+MAX_LEN=${MAX_LEN:-2^24}
+CAUSAL_MAX_LEN=${CAUSAL_MAX_LEN:-2^20}
+[ "$DEVICE" = cuda ] || export TRITON_INTERPRET=1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+mkdir -p "$OUT"
+START=$SECONDS
+
+stage() {  # stage NAME LIMIT_S COMMAND...: the command's output goes to $OUT/NAME.log
+    local name=$1 limit=$2 t0=$SECONDS rc
+    shift 2
+    echo "== $name (limit ${limit} s, $((SECONDS - START)) s in)"
+    timeout --kill-after=20 "$limit" "$@" >"$OUT/$name.log" 2>&1
+    rc=$?
+    echo "   exit $rc after $((SECONDS - t0)) s"
+    tail -n 4 "$OUT/$name.log" | sed 's/^/   /'
+}
+
+SWEEP=("$PY" -m racebench sweep --device "$DEVICE" --dtype bf16 -B 1 -H 4 -D 128 --warmup 1 --repeats 3)
+NONCAUSAL=(--min-len 2^12 --max-len "$MAX_LEN" --growth 4 --time-budget 20s)
+
+nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1 || rm -f "$OUT/nvidia-smi.txt"
+"$PY" -m racebench env >"$OUT/env.txt" 2>&1
+stage ceilings 30 "$PY" benchmarks/ceilings.py --device "$DEVICE" --json "$OUT/ceilings.json"
+stage tests 110 "$PY" -m pytest -q -x tests/test_race_triton.py \
+    tests/test_methods.py::test_method_on_cuda_matches_float64_reference
+stage sweep-race 100 "${SWEEP[@]}" --methods race "${NONCAUSAL[@]}" --refine 0.05 --out "$OUT/paper-gpu-race"
+stage sweep-others 130 "${SWEEP[@]}" --methods race-torch,race-paper,flash,linear,performer "${NONCAUSAL[@]}" \
+    --out "$OUT/paper-gpu-others"
+stage sweep-causal 50 "${SWEEP[@]}" --causal --methods race,flash --min-len 2^10 --max-len "$CAUSAL_MAX_LEN" --time-budget 15s \
+    --out "$OUT/causal-gpu"
+stage plots 40 "$PY" -m racebench plot "$OUT/paper-gpu-race" "$OUT/paper-gpu-others" --out "$OUT/plots/paper-gpu"
+stage plots-causal 20 "$PY" -m racebench plot "$OUT/causal-gpu" --out "$OUT/plots/causal-gpu"
+for run in paper-gpu-race paper-gpu-others causal-gpu; do
+    stage "report-$run" 20 "$PY" -m racebench report "$OUT/$run" --markdown "$OUT/report-$run.md"
+done
+stage targets 20 "$PY" benchmarks/gpu_targets.py "$OUT/paper-gpu-race" "$OUT/paper-gpu-others" \
+    --ceilings "$OUT/ceilings.json" --at 2^22
+cat "$OUT/targets.log"
+echo "== done in $((SECONDS - START)) s; everything is under $OUT"
