@@ -14,7 +14,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-results/gpu-check}
-PY=${PYTHON:-python}
+PY=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}
 MAX_LEN=${MAX_LEN:-2^24}
 CAUSAL_MAX_LEN=${CAUSAL_MAX_LEN:-2^20}
@@ -39,7 +39,10 @@ NONCAUSAL=(--min-len 2^12 --max-len "$MAX_LEN" --growth 4 --time-budget 20s)
 nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1 || rm -f "$OUT/nvidia-smi.txt"
 "$PY" -m racebench env >"$OUT/env.txt" 2>&1
 stage ceilings 30 "$PY" benchmarks/ceilings.py --device "$DEVICE" --json "$OUT/ceilings.json"
-stage tests 110 "$PY" -m pytest -q -x tests/test_race_triton.py \
+# Native compiles dominate the tests: spread them over workers where pytest-xdist is there.
+XDIST=()
+"$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 8)
+stage tests 110 "$PY" -m pytest -q "${XDIST[@]}" tests/test_race_triton.py \
     tests/test_methods.py::test_method_on_cuda_matches_float64_reference
 stage sweep-race 100 "${SWEEP[@]}" --methods race "${NONCAUSAL[@]}" --refine 0.05 --out "$OUT/paper-gpu-race"
 stage sweep-others 130 "${SWEEP[@]}" --methods race-torch,race-paper,flash,linear,performer "${NONCAUSAL[@]}" \

@@ -10,8 +10,13 @@ hashing.py, with no reduction over a group of 2**P columns. W, G and M are zero-
 (LPP rows, BD / BS columns); padded features and padded rows are set to exactly zero.
 
 All arithmetic is fp32 whatever the input dtype. The hash's own products always use "ieee" fp32 dots (a
-tf32 rounding of z would move phi by about 1%); VPREC picks the precision of the value products: "ieee" for
-fp32 inputs, "tf32" for bf16/fp16 inputs, whose own rounding is coarser.
+tf32 rounding of z would move phi by about 1%); VPREC picks the precision of the value products: "tf32x3"
+(about fp32 accuracy on tensor cores) for fp32 inputs, "tf32" for bf16/fp16 inputs, whose own rounding is
+coarser. ("ieee" value products on fp32 [64, 128] tiles need more shared memory than an H100 block has:
+benchmarks/compile_kernels.py.) Triton's interpreter computes every product in fp32, so the CPU tests check
+the algebra; the tf32 roundings are checked when the same tests run on a GPU.
+
+Lengths are not specialized on (do_not_specialize): one compiled kernel serves every T.
 
 Causal kernels walk their token range in chunks of C: exact (masked C x C scores) inside a chunk, state
 (A [S], KV [S, D]) carried in registers from chunk to chunk, starting from the state entering the range
@@ -92,7 +97,7 @@ def _store_state(A, KV, idx, rs, rd, S, D, a, kv):
     tl.store(KV + idx * S * D + rs[:, None] * D + rd[None, :], kv, mask=(rs[:, None] < S) & (rd[None, :] < D))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "span"])
 def state_kernel(K, V, W, G, M, A_out, KV_out, T, D, S, span, beta, skn, skt, skd, svn, svt, svd,
                  BT: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, LPP: tl.constexpr, VPREC: tl.constexpr):
     """A_out[n, p] = sum phi(k_j), KV_out[n, p] = sum phi(k_j) v_j^T over the keys of range p (span tokens)."""
@@ -114,7 +119,7 @@ def state_kernel(K, V, W, G, M, A_out, KV_out, T, D, S, span, beta, skn, skt, sk
 # ----------------------------------------------------------------------------- non-causal
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def out_kernel(Q, O, W, G, M, A, Z, T, D, S, beta, eps, sqn, sqt, sqd, son, sot, sod,
                PAPER: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, LPP: tl.constexpr,
                VPREC: tl.constexpr):
@@ -132,7 +137,7 @@ def out_kernel(Q, O, W, G, M, A, Z, T, D, S, beta, eps, sqn, sqt, sqd, son, sot,
     _store_rows(O, n, rows, rd, T, D, son, sot, sod, o)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "span"])
 def dq_kernel(Q, DO, DQ, W, G, M, A, Z, dA_out, dZ_out, T, D, S, span, beta, eps,
               sqn, sqt, sqd, sgn, sgt, sgd, sdn, sdt, sdd,
               PAPER: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, LPP: tl.constexpr,
@@ -163,7 +168,7 @@ def dq_kernel(Q, DO, DQ, W, G, M, A, Z, dA_out, dZ_out, T, D, S, span, beta, eps
     _store_state(dA_out, dZ_out, n * tl.num_programs(1) + p, rs, rd, S, D, da, dz)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def dkv_kernel(K, V, DK, DV, W, G, M, dA, dKV, T, D, S, beta, skn, skt, skd, svn, svt, svd,
                sdn, sdt, sdd, BT: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, LPP: tl.constexpr,
                VPREC: tl.constexpr):
@@ -183,7 +188,7 @@ def dkv_kernel(K, V, DK, DV, W, G, M, dA, dKV, T, D, S, beta, skn, skt, skd, svn
 # ----------------------------------------------------------------------------- causal
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "span"])
 def causal_fwd_kernel(Q, K, V, O, DEN, W, G, M, A0, KV0, T, D, S, span, beta, eps, sn, st, sd,
                       PAPER: tl.constexpr, C: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
                       LPP: tl.constexpr, VPREC: tl.constexpr):
@@ -252,7 +257,7 @@ def _causal_chunk_grads(fq, fk, v, gr, o, den, a, kv, causal, eps, PAPER: tl.con
     return dfq, dS, qf, dnum, dst_kv, tl.sum(da_t, 0), da_t
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "span"])
 def causal_dq_kernel(Q, K, V, O, DO, DQ, DEN, W, G, M, A0, KV0, dA_out, dKV_out, T, D, S, span, beta, eps,
                      sn, st, sd, sgn, sgt, sgd, PAPER: tl.constexpr, C: tl.constexpr, BD: tl.constexpr,
                      BS: tl.constexpr, LPP: tl.constexpr, VPREC: tl.constexpr):
@@ -286,7 +291,7 @@ def causal_dq_kernel(Q, K, V, O, DO, DQ, DEN, W, G, M, A0, KV0, dA_out, dKV_out,
     _store_state(dA_out, dKV_out, idx, rs, rd, S, D, tot_a, tot_kv)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "span", "n_chunks", "items", "n_ranges"])
 def causal_dkv_kernel(Q, K, V, O, DO, DK, DV, DEN, W, G, M, A0, KV0, dA_after, dKV_after, SA, SKV, T, D, S, span,
                       n_chunks, items, n_ranges, beta, eps, sn, st, sd, sgn, sgt, sgd, PAPER: tl.constexpr,
                       C: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, LPP: tl.constexpr, VPREC: tl.constexpr):
