@@ -4,11 +4,13 @@ import json
 
 import pandas as pd
 import pytest
+import torch
 
 from racebench.bench import runner
 from racebench.bench.environment import collect_environment
 from racebench.bench.runner import run_child, run_sweep
 from racebench.bench.spec import build_spec
+from racebench.bench.worker import SumLoss
 from racebench.results.store import COLUMNS, load_run
 from racebench.results.summary import thresholds
 
@@ -165,3 +167,18 @@ def test_sequence_parallel_rejects_what_it_cannot_run():
     assert "race_M = 1" in s.unsupported_reason("race")
     assert "only race" in s.unsupported_reason("linear")
     assert build_spec(methods="race", lengths="256", nproc=2).unsupported_reason("race") is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_protocol_loss_is_the_published_one_without_temporaries(dtype):
+    """SumLoss = out.float().sum() in value and gradient, but its gradient stays a broadcast view in bf16 too
+    (the published form materializes one more [B, H, T, D] tensor in the backward)."""
+    x = torch.randn(2, 3, 5000, 16).to(dtype).requires_grad_()
+    out = x * 3
+    seen = []
+    out.register_hook(lambda g: seen.append(g.stride()))
+    loss = SumLoss.apply(out)
+    assert loss.dtype == torch.float32
+    assert torch.allclose(loss, out.detach().float().sum(), rtol=1e-5)
+    loss.backward()
+    assert seen == [(0, 0, 0, 0)] and torch.equal(x.grad, torch.full_like(x, 3))

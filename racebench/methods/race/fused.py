@@ -21,7 +21,9 @@ from racebench.methods.race.hashing import corners
 
 TILE = 64  # tokens per non-causal tile
 CHUNK = 64  # tokens per exact causal chunk
-MAX_SPAN = 1024  # tokens per causal range: the saved states cost S * D / MAX_SPAN floats per token
+# Tokens per causal range at most: the saved entering states cost S * D / MAX_SPAN floats per token, and the
+# bucket backward's scratch S * D * MAX_SPAN / CHUNK floats per program. Non-causal ranges are not capped.
+MAX_SPAN = 1024
 # Launch options: one stage, since every loop carries state and its loads feed the hash first; four warps. With
 # these, every kernel compiles for sm_90 within its shared memory (tests/test_kernels_compile.py).
 LAUNCH = dict(num_warps=4, num_stages=1)
@@ -85,11 +87,13 @@ def _programs(device):
     return 4 * (torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1)
 
 
-def _ranges(T, N, device, unit):
-    """Tokens per program (a multiple of `unit`) so that the grid fills the device, and the number of ranges."""
+def _ranges(T, N, device, unit, cap=None):
+    """Tokens per program (a multiple of `unit`, at most `cap`) so that the grid fills the device, and the number
+    of ranges."""
     per_head = max(1, -(-_programs(device) // N))
     span = unit * max(1, -(-T // (unit * per_head)))
-    span = min(span, max(unit, MAX_SPAN))
+    if cap is not None:
+        span = min(span, max(unit, cap))
     return span, -(-T // span)
 
 
@@ -120,7 +124,7 @@ class _FusedRace(torch.autograd.Function):
         h, vprec = _Hash(planes, D, q.device), _vprec(q.dtype)
         o = torch.empty_like(q3)
         if causal:
-            span, n_ranges = _ranges(T, N, q.device, CHUNK)
+            span, n_ranges = _ranges(T, N, q.device, CHUNK, MAX_SPAN)
             A, KV = _state(k3, v3, h, span, n_ranges, beta, vprec)
             A0, KV0 = _exclusive_cumsum(A), _exclusive_cumsum(KV)
             den = torch.empty(N, T if paper else 1, device=q.device, dtype=torch.float32)
