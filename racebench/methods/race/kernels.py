@@ -97,6 +97,12 @@ def _store_state(A, KV, idx, rs, rd, S, D, a, kv):
     tl.store(KV + idx * S * D + rs[:, None] * D + rd[None, :], kv, mask=(rs[:, None] < S) & (rd[None, :] < D))
 
 
+@triton.jit
+def _advance(a, kv, fk, v, VPREC: tl.constexpr):
+    """The state after one more chunk of keys and values."""
+    return a + tl.sum(fk, 0), kv + tl.dot(tl.trans(fk), v, input_precision=VPREC)
+
+
 @triton.jit(do_not_specialize=["T", "span"])
 def state_kernel(K, V, W, G, M, A_out, KV_out, T, D, S, span, beta, skn, skt, skd, svn, svt, svd,
                  BT: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, LPP: tl.constexpr, VPREC: tl.constexpr):
@@ -111,8 +117,7 @@ def state_kernel(K, V, W, G, M, A_out, KV_out, T, D, S, span, beta, skn, skt, sk
         k = _load_rows(K, n, rows, rd, T, D, skn, skt, skd)
         v = _load_rows(V, n, rows, rd, T, D, svn, svt, svd)
         _, phi = _features(k, w, g, m, beta, rows < T, rs < S)
-        a += tl.sum(phi, 0)
-        kv += tl.dot(tl.trans(phi), v, input_precision=VPREC)
+        a, kv = _advance(a, kv, phi, v, VPREC)
     _store_state(A_out, KV_out, n * tl.num_programs(1) + p, rs, rd, S, D, a, kv)
 
 
@@ -215,8 +220,7 @@ def causal_fwd_kernel(Q, K, V, O, DEN, W, G, M, A0, KV0, T, D, S, span, beta, ep
             scores = tl.where(causal, tl.dot(qf, tl.trans(fk), input_precision=VPREC), 0.0)
             o = tl.dot(qf, kv, input_precision=VPREC) + tl.dot(scores, v, input_precision=VPREC)
         _store_rows(O, n, rows, rd, T, D, sn, st, sd, o)
-        a += tl.sum(fk, 0)
-        kv += tl.dot(tl.trans(fk), v, input_precision=VPREC)
+        a, kv = _advance(a, kv, fk, v, VPREC)
 
 
 @triton.jit
@@ -226,6 +230,19 @@ def _load_den(DEN, n, rows, valid, T, PAPER: tl.constexpr, C: tl.constexpr):
     else:
         den = tl.zeros([C], tl.float32)
     return den
+
+
+@triton.jit
+def _load_chunk(Q, K, V, O, DO, DEN, w, g, m, beta, n, rows, rd, rs, T, D, S, sn, st, sd, sgn, sgt, sgd,
+                PAPER: tl.constexpr, C: tl.constexpr):
+    """What both backward walks read of one chunk: v, dO, (u, phi) of q and of k, o and the denominators."""
+    valid = rows < T
+    v = _load_rows(V, n, rows, rd, T, D, sn, st, sd)
+    gr = _load_rows(DO, n, rows, rd, T, D, sgn, sgt, sgd)
+    uq, fq = _features(_load_rows(Q, n, rows, rd, T, D, sn, st, sd), w, g, m, beta, valid, rs < S)
+    uk, fk = _features(_load_rows(K, n, rows, rd, T, D, sn, st, sd), w, g, m, beta, valid, rs < S)
+    o = _load_rows(O, n, rows, rd, T, D, sn, st, sd)
+    return v, gr, uq, fq, uk, fk, o, _load_den(DEN, n, rows, valid, T, PAPER, C)
 
 
 @triton.jit
@@ -274,20 +291,14 @@ def causal_dq_kernel(Q, K, V, O, DO, DQ, DEN, W, G, M, A0, KV0, dA_out, dKV_out,
     tot_kv = tl.zeros([BS, BD], tl.float32)
     for i in range(0, span, C):
         rows = p * span + i + rc
-        valid = rows < T
-        v = _load_rows(V, n, rows, rd, T, D, sn, st, sd)
-        gr = _load_rows(DO, n, rows, rd, T, D, sgn, sgt, sgd)
-        uq, fq = _features(_load_rows(Q, n, rows, rd, T, D, sn, st, sd), w, g, m, beta, valid, rs < S)
-        _, fk = _features(_load_rows(K, n, rows, rd, T, D, sn, st, sd), w, g, m, beta, valid, rs < S)
-        o = _load_rows(O, n, rows, rd, T, D, sn, st, sd)
-        den = _load_den(DEN, n, rows, valid, T, PAPER, C)
+        v, gr, uq, fq, _, fk, o, den = _load_chunk(Q, K, V, O, DO, DEN, w, g, m, beta, n, rows, rd, rs, T, D, S,
+                                                   sn, st, sd, sgn, sgt, sgd, PAPER, C)
         dfq, _, _, _, dst_kv, dst_a, _ = _causal_chunk_grads(fq, fk, v, gr, o, den, a, kv, causal, eps, PAPER,
                                                              VPREC)
         _store_rows(DQ, n, rows, rd, T, D, sn, st, sd, _features_vjp(uq, fq, dfq, w, g, m, beta))
         tot_kv += dst_kv
         tot_a += dst_a
-        a += tl.sum(fk, 0)
-        kv += tl.dot(tl.trans(fk), v, input_precision=VPREC)
+        a, kv = _advance(a, kv, fk, v, VPREC)
     _store_state(dA_out, dKV_out, idx, rs, rd, S, D, tot_a, tot_kv)
 
 
@@ -322,23 +333,17 @@ def causal_dkv_kernel(Q, K, V, O, DO, DK, DV, DEN, W, G, M, A0, KV0, dA_after, d
                 tl.store(SKV + (pid * n_chunks + c) * BS * BD + rs[:, None] * BD + rd[None, :], kv)
                 v = _load_rows(V, n, rows, rd, T, D, sn, st, sd)
                 _, fk = _features(_load_rows(K, n, rows, rd, T, D, sn, st, sd), w, g, m, beta, rows < T, rs < S)
-                a += tl.sum(fk, 0)
-                kv += tl.dot(tl.trans(fk), v, input_precision=VPREC)
+                a, kv = _advance(a, kv, fk, v, VPREC)
             tl.debug_barrier()  # scratch written by all threads before any reads it
         later_a, later_kv = _load_state(dA_after, dKV_after, item, rs, rd, S, D)
         for j in range(0, n_chunks):
             c = n_chunks - 1 - j
             rows = p * span + c * C + rc
-            valid = rows < T
             if not PAPER:
                 a = tl.load(SA + (pid * n_chunks + c) * BS + rs)
                 kv = tl.load(SKV + (pid * n_chunks + c) * BS * BD + rs[:, None] * BD + rd[None, :])
-            v = _load_rows(V, n, rows, rd, T, D, sn, st, sd)
-            gr = _load_rows(DO, n, rows, rd, T, D, sgn, sgt, sgd)
-            _, fq = _features(_load_rows(Q, n, rows, rd, T, D, sn, st, sd), w, g, m, beta, valid, rs < S)
-            uk, fk = _features(_load_rows(K, n, rows, rd, T, D, sn, st, sd), w, g, m, beta, valid, rs < S)
-            o = _load_rows(O, n, rows, rd, T, D, sn, st, sd)
-            den = _load_den(DEN, n, rows, valid, T, PAPER, C)
+            v, gr, _, fq, uk, fk, o, den = _load_chunk(Q, K, V, O, DO, DEN, w, g, m, beta, n, rows, rd, rs, T, D,
+                                                       S, sn, st, sd, sgn, sgt, sgd, PAPER, C)
             _, dS, qf, dnum, dst_kv, dst_a, da_t = _causal_chunk_grads(fq, fk, v, gr, o, den, a, kv, causal, eps,
                                                                        PAPER, VPREC)
             scores = tl.where(causal, tl.dot(qf, tl.trans(fk), input_precision=VPREC), 0.0)
