@@ -156,3 +156,15 @@ def test_auto_picks_torch_on_cpu_and_triton_on_cuda(monkeypatch):
         qc = q.cuda()
         race_attention(qc, qc, qc, make_planes(3, 3, 16).cuda(), beta=8.0)
         assert calls == ["triton"]
+
+
+def test_fused_follows_planes_changed_in_place():
+    """The kernels' padded copy of the planes is cached per planes tensor: changing the planes in place
+    must change the output (a stale copy would not)."""
+    q = torch.randn(1, 1, 40, 16, device=DEV)
+    planes = make_planes(3, 3, 16, seed=1).to(DEV)
+    before = race_attention(q, q, q, planes, beta=8.0, impl="triton")
+    planes.copy_(make_planes(3, 3, 16, seed=2))
+    after = race_attention(q, q, q, planes, beta=8.0, impl="triton")
+    want = race_naive(q.double(), q.double(), q.double(), planes.double(), beta=8.0)
+    assert rel_err(after.cpu(), want.cpu()) < 1e-5 and rel_err(before, after) > 1e-3

@@ -12,6 +12,8 @@ Runs on CUDA, or on the CPU under TRITON_INTERPRET=1 (how the tests check it wit
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import triton
 
@@ -78,6 +80,20 @@ class _Hash:
         return dict(BD=self.BD, BS=self.BS, LPP=self.LPP, VPREC=vprec, **LAUNCH)
 
 
+_HASHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # planes -> {(version, D, device): _Hash}
+
+
+def _hash_for(planes, D, device) -> _Hash:
+    """The padded hash parameters of these planes, built once per planes tensor (and its version): building
+    them copies to the device, and a host-to-device copy waits for the device, which would stall every call."""
+    built = _HASHES.setdefault(planes, {})
+    key = (planes._version, D, str(device))
+    if key not in built:
+        built.clear()
+        built[key] = _Hash(planes, D, device)
+    return built[key]
+
+
 def _vprec(dtype):
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
@@ -121,7 +137,7 @@ class _FusedRace(torch.autograd.Function):
         B, H, T, D = q.shape
         N = B * H
         q3, k3, v3 = (x.reshape(N, T, D).contiguous() for x in (q, k, v))
-        h, vprec = _Hash(planes, D, q.device), _vprec(q.dtype)
+        h, vprec = _hash_for(planes, D, q.device), _vprec(q.dtype)
         o = torch.empty_like(q3)
         if causal:
             span, n_ranges = _ranges(T, N, q.device, CHUNK, MAX_SPAN)
