@@ -12,6 +12,7 @@ from conftest import qkv, rel_err
 
 from racebench import make_planes, race_attention
 from racebench.errors import UsageError
+from racebench.methods.race import fused as fused_module
 from racebench.methods.race.hashing import soft_hash
 from racebench.methods.race.naive import race_naive
 from racebench.methods.registry import HAS_TRITON, get_method
@@ -168,3 +169,7 @@ def test_fused_follows_planes_changed_in_place():
     after = race_attention(q, q, q, planes, beta=8.0, impl="triton")
     want = race_naive(q.double(), q.double(), q.double(), planes.double(), beta=8.0)
     assert rel_err(after.cpu(), want.cpu()) < 1e-5 and rel_err(before, after) > 1e-3
+    key = id(planes)
+    assert key in fused_module._HASHES
+    del planes
+    assert key not in fused_module._HASHES  # the cached copy goes with its planes

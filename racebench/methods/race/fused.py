@@ -80,14 +80,17 @@ class _Hash:
         return dict(BD=self.BD, BS=self.BS, LPP=self.LPP, VPREC=vprec, **LAUNCH)
 
 
-_HASHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # planes -> {(version, D, device): _Hash}
+_HASHES: dict = {}  # id(planes) -> (weak reference to planes, {(version, D, device): _Hash})
 
 
 def _hash_for(planes, D, device) -> _Hash:
     """The padded hash parameters of these planes, built once per planes tensor (and its version): building
     them copies to the device, and a host-to-device copy waits for the device, which would stall every call."""
-    built = _HASHES.setdefault(planes, {})
-    key = (planes._version, D, str(device))
+    entry = _HASHES.get(id(planes))
+    if entry is None or entry[0]() is not planes:  # the entry leaves with its tensor (the callback)
+        entry = (weakref.ref(planes, lambda _, i=id(planes): _HASHES.pop(i, None)), {})
+        _HASHES[id(planes)] = entry
+    built, key = entry[1], (planes._version, D, str(device))
     if key not in built:
         built.clear()
         built[key] = _Hash(planes, D, device)
