@@ -42,19 +42,19 @@ stage ceilings 30 "$PY" benchmarks/ceilings.py --device "$DEVICE" --json "$OUT/c
 # Native compiles dominate the tests: spread them over workers where pytest-xdist is there.
 XDIST=()
 "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 8)
-stage tests 110 "$PY" -m pytest -q "${XDIST[@]}" tests/test_race_triton.py \
+stage tests 100 "$PY" -m pytest -q "${XDIST[@]}" tests/test_race_triton.py \
     tests/test_methods.py::test_method_on_cuda_matches_float64_reference
-stage sweep-race 100 "${SWEEP[@]}" --methods race "${NONCAUSAL[@]}" --refine 0.05 --out "$OUT/paper-gpu-race"
-stage sweep-others 130 "${SWEEP[@]}" --methods race-torch,race-paper,flash,linear,performer "${NONCAUSAL[@]}" \
+stage sweep-race 90 "${SWEEP[@]}" --methods race "${NONCAUSAL[@]}" --refine 0.05 --out "$OUT/paper-gpu-race"
+stage sweep-others 120 "${SWEEP[@]}" --methods race-torch,race-paper,flash,linear,performer "${NONCAUSAL[@]}" \
     --out "$OUT/paper-gpu-others"
-stage sweep-causal 50 "${SWEEP[@]}" --causal --methods race,flash --min-len 2^10 --max-len "$CAUSAL_MAX_LEN" --time-budget 15s \
+stage sweep-causal 45 "${SWEEP[@]}" --causal --methods race,flash --min-len 2^10 --max-len "$CAUSAL_MAX_LEN" --time-budget 15s \
     --out "$OUT/causal-gpu"
-stage plots 40 "$PY" -m racebench plot "$OUT/paper-gpu-race" "$OUT/paper-gpu-others" --out "$OUT/plots/paper-gpu"
-stage plots-causal 20 "$PY" -m racebench plot "$OUT/causal-gpu" --out "$OUT/plots/causal-gpu"
+stage plots 30 "$PY" -m racebench plot "$OUT/paper-gpu-race" "$OUT/paper-gpu-others" --out "$OUT/plots/paper-gpu"
+stage plots-causal 15 "$PY" -m racebench plot "$OUT/causal-gpu" --out "$OUT/plots/causal-gpu"
 for run in paper-gpu-race paper-gpu-others causal-gpu; do
-    stage "report-$run" 20 "$PY" -m racebench report "$OUT/$run" --markdown "$OUT/report-$run.md"
+    stage "report-$run" 15 "$PY" -m racebench report "$OUT/$run" --markdown "$OUT/report-$run.md"
 done
-stage targets 20 "$PY" benchmarks/gpu_targets.py "$OUT/paper-gpu-race" "$OUT/paper-gpu-others" \
+stage targets 15 "$PY" benchmarks/gpu_targets.py "$OUT/paper-gpu-race" "$OUT/paper-gpu-others" \
     --ceilings "$OUT/ceilings.json" --at 2^22
 cat "$OUT/targets.log"
 echo "== done in $((SECONDS - START)) s; everything is under $OUT"
