@@ -102,7 +102,7 @@ def test_method_on_cuda_matches_float64_reference(check_close, name, causal, T):
     fn = build_method(name, cfg)
     q, k, v = (x.detach().cuda().requires_grad_() for x in qkv(1, 2, T, D, dtype=torch.bfloat16, scale=0.5))
     ref = references(cfg)[name]  # its parameters live on the CPU: the reference runs there
-    check_close(fn, lambda q, k, v: ref(q.cpu(), k.cpu(), v.cpu()), q, k, v, tol=2e-2)
+    check_close(fn, lambda q, k, v: ref(q.cpu(), k.cpu(), v.cpu()).to(q.device), q, k, v, tol=2e-2)
 
 
 def test_registry_names_are_the_documented_ones():
