@@ -64,8 +64,8 @@ class _Hash:
         self.LPP = max(16, triton.next_power_of_2(L * P))
         self.W = torch.zeros(self.LPP, self.BD, dtype=torch.float32)
         self.W[: L * P, :D] = planes.detach().reshape(L * P, D).float().cpu()
-        self.G = torch.zeros(self.LPP, self.BS)
-        self.M = torch.zeros(self.LPP, self.BS)
+        self.G = torch.zeros(self.LPP, self.BS, dtype=torch.float32)
+        self.M = torch.zeros(self.LPP, self.BS, dtype=torch.float32)
         negative = (corners(P) < 0).t().float()  # [P, R]: 1 where corner r has c_rp = -1
         for l in range(L):
             self.G[l * P : (l + 1) * P, l * R : (l + 1) * R] = 1
