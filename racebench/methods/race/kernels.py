@@ -1,6 +1,7 @@
 """Triton kernels of RACE: the soft hash fused into linear-attention tiles (fused.py launches them).
 
-Every kernel works on one head n (program_id 0) and one range of tokens (program_id 1). The soft-hash features
+Every kernel works on one head n (program_id 0) and one range of tokens (program_id 1), except
+causal_dkv_kernel, whose programs each take a series of (head, range) items. The soft-hash features
 of a q or k tile are computed in registers and never written out; the backward recomputes them:
   u = tanh(x W^T), z = 2 beta u,  log phi_(l,r) = sum_p logsigmoid(c_rp z_lp)
                                              = (logsigmoid(z) @ G - z @ M)_(l,r),
@@ -20,7 +21,8 @@ Lengths are not specialized on (do_not_specialize): one compiled kernel serves e
 
 Causal kernels walk their token range in chunks of C: exact (masked C x C scores) inside a chunk, state
 (A [S], KV [S, D]) carried in registers from chunk to chunk, starting from the state entering the range
-(computed by _state_kernel and prefix-summed on the host).
+(computed by state_kernel and prefix-summed on the host). Their backward is two walks: causal_dq_kernel
+forwards (dq, and each range's gradient of its entering state), causal_dkv_kernel backwards (dk, dv).
 """
 
 from __future__ import annotations
