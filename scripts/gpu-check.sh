@@ -18,6 +18,7 @@ PY=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}
 MAX_LEN=${MAX_LEN:-2^24}
 CAUSAL_MAX_LEN=${CAUSAL_MAX_LEN:-2^20}
+OTHERS_MAX_LEN=${OTHERS_MAX_LEN:-2^22}
 [ "$DEVICE" = cuda ] || export TRITON_INTERPRET=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 mkdir -p "$OUT"
@@ -34,7 +35,7 @@ stage() {  # stage NAME LIMIT_S COMMAND...: the command's output goes to $OUT/NA
 }
 
 SWEEP=("$PY" -m racebench sweep --device "$DEVICE" --dtype bf16 -B 1 -H 4 -D 128 --warmup 1 --repeats 3)
-NONCAUSAL=(--min-len 2^12 --max-len "$MAX_LEN" --growth 4 --time-budget 20s)
+NONCAUSAL=(--min-len 2^12 --growth 4 --time-budget 20s)
 
 nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1 || rm -f "$OUT/nvidia-smi.txt"
 "$PY" -m racebench env >"$OUT/env.txt" 2>&1
@@ -42,13 +43,15 @@ stage ceilings 30 "$PY" benchmarks/ceilings.py --device "$DEVICE" --json "$OUT/c
 # Native compiles dominate the tests: spread them over workers where pytest-xdist is there.
 XDIST=()
 "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 8)
-stage tests 100 "$PY" -m pytest -q "${XDIST[@]}" tests/test_race_triton.py \
+stage smoke 60 "$PY" benchmarks/gpu_smoke.py --device "$DEVICE" --T 4096
+stage tests 90 "$PY" -m pytest -q "${XDIST[@]}" tests/test_race_triton.py \
     tests/test_methods.py::test_method_on_cuda_matches_float64_reference
-stage sweep-race 90 "${SWEEP[@]}" --methods race "${NONCAUSAL[@]}" --refine 0.05 --out "$OUT/paper-gpu-race"
+stage sweep-race 90 "${SWEEP[@]}" --methods race "${NONCAUSAL[@]}" --max-len "$MAX_LEN" --refine 0.05 \
+    --out "$OUT/paper-gpu-race"
 stage sweep-others 120 "${SWEEP[@]}" --methods race-torch,race-paper,flash,linear,performer "${NONCAUSAL[@]}" \
-    --out "$OUT/paper-gpu-others"
-stage sweep-causal 45 "${SWEEP[@]}" --causal --methods race,flash --min-len 2^10 --max-len "$CAUSAL_MAX_LEN" --time-budget 15s \
-    --out "$OUT/causal-gpu"
+    --max-len "$OTHERS_MAX_LEN" --out "$OUT/paper-gpu-others"
+stage sweep-causal 50 "${SWEEP[@]}" --causal --methods race,flash --min-len 2^10 --max-len "$CAUSAL_MAX_LEN" \
+    --growth 4 --time-budget 15s --out "$OUT/causal-gpu"
 stage plots 30 "$PY" -m racebench plot "$OUT/paper-gpu-race" "$OUT/paper-gpu-others" --out "$OUT/plots/paper-gpu"
 stage plots-causal 15 "$PY" -m racebench plot "$OUT/causal-gpu" --out "$OUT/plots/causal-gpu"
 for run in paper-gpu-race paper-gpu-others causal-gpu; do
