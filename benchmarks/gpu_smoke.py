@@ -29,7 +29,7 @@ def main() -> None:
     for causal in (False, True):
         # Inputs representable in bf16, so the two see the same numbers and differ only in their arithmetic.
         q, k, v = (torch.randn(1, 4, args.T, 128, device=dev).bfloat16().float() for _ in range(3))
-        g = torch.randn_like(q)
+        g = torch.randn_like(q).bfloat16().float()
         results = {}
         for impl, dtype in (("triton", torch.bfloat16), ("torch", torch.float32)):
             xs = [x.to(dtype).requires_grad_() for x in (q, k, v)]
