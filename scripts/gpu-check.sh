@@ -48,16 +48,16 @@ stage tests 90 "$PY" -m pytest -q "${XDIST[@]}" tests/test_race_triton.py \
     tests/test_methods.py::test_method_on_cuda_matches_float64_reference
 stage sweep-race 90 "${SWEEP[@]}" --methods race "${NONCAUSAL[@]}" --max-len "$MAX_LEN" --refine 0.05 \
     --out "$OUT/paper-gpu-race"
-stage sweep-others 120 "${SWEEP[@]}" --methods race-torch,race-paper,flash,linear,performer "${NONCAUSAL[@]}" \
+stage sweep-others 110 "${SWEEP[@]}" --methods race-torch,race-paper,flash,linear,performer "${NONCAUSAL[@]}" \
     --max-len "$OTHERS_MAX_LEN" --out "$OUT/paper-gpu-others"
 stage sweep-causal 50 "${SWEEP[@]}" --causal --methods race,flash --min-len 2^10 --max-len "$CAUSAL_MAX_LEN" \
     --growth 4 --time-budget 15s --out "$OUT/causal-gpu"
-stage plots 30 "$PY" -m racebench plot "$OUT/paper-gpu-race" "$OUT/paper-gpu-others" --out "$OUT/plots/paper-gpu"
-stage plots-causal 15 "$PY" -m racebench plot "$OUT/causal-gpu" --out "$OUT/plots/causal-gpu"
+stage plots 20 "$PY" -m racebench plot "$OUT/paper-gpu-race" "$OUT/paper-gpu-others" --out "$OUT/plots/paper-gpu"
+stage plots-causal 10 "$PY" -m racebench plot "$OUT/causal-gpu" --out "$OUT/plots/causal-gpu"
 for run in paper-gpu-race paper-gpu-others causal-gpu; do
-    stage "report-$run" 15 "$PY" -m racebench report "$OUT/$run" --markdown "$OUT/report-$run.md"
+    stage "report-$run" 10 "$PY" -m racebench report "$OUT/$run" --markdown "$OUT/report-$run.md"
 done
-stage targets 15 "$PY" benchmarks/gpu_targets.py "$OUT/paper-gpu-race" "$OUT/paper-gpu-others" \
+stage targets 10 "$PY" benchmarks/gpu_targets.py "$OUT/paper-gpu-race" "$OUT/paper-gpu-others" \
     --ceilings "$OUT/ceilings.json" --at 2^22
 cat "$OUT/targets.log"
 echo "== done in $((SECONDS - START)) s; everything is under $OUT"

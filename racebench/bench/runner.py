@@ -21,9 +21,12 @@ FAILURES = ("oom", "timeout")
 _GRACE_S = 15.0
 
 
-def _context():
-    # forkserver: children fork from a clean server that has imported torch once (fast starts) but
-    # started no threads and no CUDA context (safe forks).
+def _context(device: str):
+    """CPU: forkserver, children fork from a clean server that has imported torch once (fast starts) and started
+    no threads. CUDA: spawn, a fresh interpreter per point: importing racebench asks torch whether CUDA is there,
+    which on some machines initializes it, and CUDA cannot be used again in a forked child."""
+    if device == "cuda":
+        return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["racebench.bench.worker"])
     return ctx
@@ -31,7 +34,7 @@ def _context():
 
 def run_child(spec: SweepSpec, method: str, T: int) -> dict:
     """Measure one point in its own process; a crash, a hang or a signal becomes the point's status."""
-    ctx = _context()
+    ctx = _context(spec.device)
     recv, send = ctx.Pipe(duplex=False)
     # Not a daemon: a --nproc point starts its ranks from it. It dies with this process (die_with_parent).
     proc = ctx.Process(target=child_main, args=(send, spec.to_dict(), method, T))

@@ -36,7 +36,7 @@ def race_attention(q, k, v, planes, *, beta, causal=False, normalize="paper", ep
     Returns [B, H, T, D] in q's dtype, differentiable in q, k and v; accumulates in fp32 (fp64 for fp64).
     Memory beyond q, k, v, o and their gradients is O(block * (S + D)), never [T, S, D].
     impl: "triton" = the fused kernels (fused.py; CUDA, or the CPU under TRITON_INTERPRET=1), "torch" = the
-    PyTorch core (lean.py), "auto" = triton for CUDA inputs the kernels take (fp32/bf16/fp16, S <= 128,
+    PyTorch core (lean.py), "auto" = triton for CUDA inputs the kernels take (fp32/bf16/fp16, S <= 64,
     D <= 256) when Triton is installed, else torch.
     """
     _validate(q, k, v, planes, beta, normalize)
