@@ -125,7 +125,7 @@ def _state(k, v, h, span, n_ranges, beta, vprec):
     N, T, D = k.shape
     A = torch.empty(N, n_ranges, h.S, device=k.device, dtype=torch.float32)
     KV = torch.empty(N, n_ranges, h.S, D, device=k.device, dtype=torch.float32)
-    kernels.state_kernel[(N, n_ranges)](k, v, *h.args(), A, KV, T, D, h.S, span, beta, *_strides(k), *_strides(v),
+    kernels.state_kernel[(n_ranges, N)](k, v, *h.args(), A, KV, T, D, h.S, span, beta, *_strides(k), *_strides(v),
                                         BT=TILE, **h.meta(vprec))
     return A, KV
 
@@ -147,7 +147,7 @@ class _FusedRace(torch.autograd.Function):
             A, KV = _state(k3, v3, h, span, n_ranges, beta, vprec)
             A0, KV0 = _exclusive_cumsum(A), _exclusive_cumsum(KV)
             den = torch.empty(N, T if paper else 1, device=q.device, dtype=torch.float32)
-            kernels.causal_fwd_kernel[(N, n_ranges)](q3, k3, v3, o, den, *h.args(), A0, KV0, T, D, h.S, span, beta,
+            kernels.causal_fwd_kernel[(n_ranges, N)](q3, k3, v3, o, den, *h.args(), A0, KV0, T, D, h.S, span, beta,
                                                      eps, *_strides(q3), PAPER=paper, C=CHUNK, **h.meta(vprec))
             ctx.save_for_backward(q3, k3, v3, o, den, A0, KV0)
             ctx.span = span
@@ -155,7 +155,7 @@ class _FusedRace(torch.autograd.Function):
             span, n_ranges = _ranges(T, N, q.device, TILE)
             A, KV = (x.sum(1) for x in _state(k3, v3, h, span, n_ranges, beta, vprec))
             Z = KV if paper else KV / (A + eps).unsqueeze(-1)
-            kernels.out_kernel[(N, triton.cdiv(T, TILE))](q3, o, *h.args(), A, Z, T, D, h.S, beta, eps,
+            kernels.out_kernel[(triton.cdiv(T, TILE), N)](q3, o, *h.args(), A, Z, T, D, h.S, beta, eps,
                                                           *_strides(q3), *_strides(o), PAPER=paper, BT=TILE,
                                                           **h.meta(vprec))
             ctx.save_for_backward(q3, k3, v3, A, Z)
@@ -175,7 +175,7 @@ class _FusedRace(torch.autograd.Function):
             n_ranges = A0.shape[1]
             dA = torch.empty_like(A0)
             dKV = torch.empty_like(KV0)
-            kernels.causal_dq_kernel[(N, n_ranges)](q3, k3, v3, o, do3, dq, den, *h.args(), A0, KV0, dA, dKV, T, D,
+            kernels.causal_dq_kernel[(n_ranges, N)](q3, k3, v3, o, do3, dq, den, *h.args(), A0, KV0, dA, dKV, T, D,
                                                     h.S, ctx.span, beta, eps, *_strides(q3), *_strides(do3),
                                                     PAPER=paper, C=CHUNK, **meta)
             # Gradient of the state leaving each range from every later query: an exclusive suffix sum.
@@ -196,7 +196,7 @@ class _FusedRace(torch.autograd.Function):
             span, n_ranges = _ranges(T, N, q3.device, TILE)
             dA = torch.empty(N, n_ranges, h.S, device=q3.device, dtype=torch.float32)
             dZ = torch.empty(N, n_ranges, h.S, D, device=q3.device, dtype=torch.float32)
-            kernels.dq_kernel[(N, n_ranges)](q3, do3, dq, *h.args(), A, Z, dA, dZ, T, D, h.S, span, beta, eps,
+            kernels.dq_kernel[(n_ranges, N)](q3, do3, dq, *h.args(), A, Z, dA, dZ, T, D, h.S, span, beta, eps,
                                              *_strides(q3), *_strides(do3), *_strides(dq), PAPER=paper, BT=TILE,
                                              **meta)
             dA, dZ = dA.sum(1), dZ.sum(1)
@@ -205,7 +205,7 @@ class _FusedRace(torch.autograd.Function):
             else:  # Z = KV / (A + eps)
                 a_eps = (A + eps).unsqueeze(-1)
                 dA, dKV = -(dZ * Z).sum(-1) / a_eps.squeeze(-1), dZ / a_eps
-            kernels.dkv_kernel[(N, triton.cdiv(T, TILE))](k3, v3, dk, dv, *h.args(), dA, dKV, T, D, h.S, beta,
+            kernels.dkv_kernel[(triton.cdiv(T, TILE), N)](k3, v3, dk, dv, *h.args(), dA, dKV, T, D, h.S, beta,
                                                           *_strides(k3), *_strides(v3), *_strides(dk), BT=TILE,
                                                           **meta)
         shape = (B, H, T, D)

@@ -1,7 +1,9 @@
 """Triton kernels of RACE: the soft hash fused into linear-attention tiles (fused.py launches them).
 
-Every kernel works on one head n (program_id 0) and one range of tokens (program_id 1), except
-causal_dkv_kernel, whose programs each take a series of (head, range) items. The soft-hash features
+Every kernel works on one range of tokens p (program_id 0) of one head n (program_id 1): the long axis goes
+first, since CUDA allows 2^31 - 1 programs there and only 65,535 on the second. causal_dkv_kernel is the
+exception: its programs each take a series of (head, range) items. Row offsets are int64: B * H * T * D
+reaches 2^31 at 4M tokens. The soft-hash features
 of a q or k tile are computed in registers and never written out; the backward recomputes them:
   u = tanh(x W^T), z = 2 beta u,  log phi_(l,r) = sum_p logsigmoid(c_rp z_lp)
                                              = (logsigmoid(z) @ G - z @ M)_(l,r),
@@ -72,16 +74,21 @@ def _hash_params(W, G, M, BD: tl.constexpr, BS: tl.constexpr, LPP: tl.constexpr)
 
 
 @triton.jit
+def _row_offsets(n, rows, rd, sn, st, sd):
+    return n.to(tl.int64) * sn + rows.to(tl.int64)[:, None] * st + rd[None, :] * sd
+
+
+@triton.jit
 def _load_rows(X, n, rows, rd, T, D, sn, st, sd):
     """Rows `rows` of head n of X [N, T, D], as fp32 [len(rows), BD], zero outside T x D."""
     mask = (rows[:, None] < T) & (rd[None, :] < D)
-    return tl.load(X + n * sn + rows[:, None] * st + rd[None, :] * sd, mask=mask, other=0.0).to(tl.float32)
+    return tl.load(X + _row_offsets(n, rows, rd, sn, st, sd), mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
 def _store_rows(X, n, rows, rd, T, D, sn, st, sd, val):
     mask = (rows[:, None] < T) & (rd[None, :] < D)
-    tl.store(X + n * sn + rows[:, None] * st + rd[None, :] * sd, val.to(X.dtype.element_ty), mask=mask)
+    tl.store(X + _row_offsets(n, rows, rd, sn, st, sd), val.to(X.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -109,7 +116,7 @@ def _advance(a, kv, fk, v, VPREC: tl.constexpr):
 def state_kernel(K, V, W, G, M, A_out, KV_out, T, D, S, span, beta, skn, skt, skd, svn, svt, svd,
                  BT: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, LPP: tl.constexpr, VPREC: tl.constexpr):
     """A_out[n, p] = sum phi(k_j), KV_out[n, p] = sum phi(k_j) v_j^T over the keys of range p (span tokens)."""
-    n, p = tl.program_id(0), tl.program_id(1)
+    p, n = tl.program_id(0), tl.program_id(1)
     rd, rs, rt = tl.arange(0, BD), tl.arange(0, BS), tl.arange(0, BT)
     w, g, m = _hash_params(W, G, M, BD, BS, LPP)
     a = tl.zeros([BS], tl.float32)
@@ -120,7 +127,7 @@ def state_kernel(K, V, W, G, M, A_out, KV_out, T, D, S, span, beta, skn, skt, sk
         v = _load_rows(V, n, rows, rd, T, D, svn, svt, svd)
         _, phi = _features(k, w, g, m, beta, rows < T, rs < S)
         a, kv = _advance(a, kv, phi, v, VPREC)
-    _store_state(A_out, KV_out, n * tl.num_programs(1) + p, rs, rd, S, D, a, kv)
+    _store_state(A_out, KV_out, n * tl.num_programs(0) + p, rs, rd, S, D, a, kv)
 
 
 # ----------------------------------------------------------------------------- non-causal
@@ -132,7 +139,7 @@ def out_kernel(Q, O, W, G, M, A, Z, T, D, S, beta, eps, sqn, sqt, sqd, son, sot,
                VPREC: tl.constexpr):
     """o = phi(q) Z, divided by phi(q) . A + eps for the paper normalization (Z = KV there, KV / (A + eps) for
     the bucket one)."""
-    n, p = tl.program_id(0), tl.program_id(1)
+    p, n = tl.program_id(0), tl.program_id(1)
     rd, rs = tl.arange(0, BD), tl.arange(0, BS)
     rows = p * BT + tl.arange(0, BT)
     w, g, m = _hash_params(W, G, M, BD, BS, LPP)
@@ -151,7 +158,7 @@ def dq_kernel(Q, DO, DQ, W, G, M, A, Z, dA_out, dZ_out, T, D, S, span, beta, eps
               VPREC: tl.constexpr):
     """dq of range p, and its share of the state's gradient: (dA, dKV) for the paper normalization, the
     gradient of Z = KV / (A + eps) for the bucket one (the host turns it into dA, dKV)."""
-    n, p = tl.program_id(0), tl.program_id(1)
+    p, n = tl.program_id(0), tl.program_id(1)
     rd, rs, rt = tl.arange(0, BD), tl.arange(0, BS), tl.arange(0, BT)
     w, g, m = _hash_params(W, G, M, BD, BS, LPP)
     a, z = _load_state(A, Z, n, rs, rd, S, D)
@@ -172,7 +179,7 @@ def dq_kernel(Q, DO, DQ, W, G, M, A, Z, dA_out, dZ_out, T, D, S, span, beta, eps
             dphi = gz
             dz += tl.dot(tl.trans(phi), gr, input_precision=VPREC)
         _store_rows(DQ, n, rows, rd, T, D, sdn, sdt, sdd, _features_vjp(u, phi, dphi, w, g, m, beta))
-    _store_state(dA_out, dZ_out, n * tl.num_programs(1) + p, rs, rd, S, D, da, dz)
+    _store_state(dA_out, dZ_out, n * tl.num_programs(0) + p, rs, rd, S, D, da, dz)
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -180,7 +187,7 @@ def dkv_kernel(K, V, DK, DV, W, G, M, dA, dKV, T, D, S, beta, skn, skt, skd, svn
                sdn, sdt, sdd, BT: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, LPP: tl.constexpr,
                VPREC: tl.constexpr):
     """dk, dv of one tile from the state's gradient (dA [S], dKV [S, D]); dk, dv share strides."""
-    n, p = tl.program_id(0), tl.program_id(1)
+    p, n = tl.program_id(0), tl.program_id(1)
     rd, rs = tl.arange(0, BD), tl.arange(0, BS)
     rows = p * BT + tl.arange(0, BT)
     w, g, m = _hash_params(W, G, M, BD, BS, LPP)
@@ -201,11 +208,11 @@ def causal_fwd_kernel(Q, K, V, O, DEN, W, G, M, A0, KV0, T, D, S, span, beta, ep
                       LPP: tl.constexpr, VPREC: tl.constexpr):
     """o over range p, from the state entering it (A0, KV0 [N, ranges, ..]); DEN [N, T] keeps the paper
     normalization's denominators for the backward. q, k, v, o share strides."""
-    n, p = tl.program_id(0), tl.program_id(1)
+    p, n = tl.program_id(0), tl.program_id(1)
     rd, rs, rc = tl.arange(0, BD), tl.arange(0, BS), tl.arange(0, C)
     causal = rc[:, None] >= rc[None, :]
     w, g, m = _hash_params(W, G, M, BD, BS, LPP)
-    a, kv = _load_state(A0, KV0, n * tl.num_programs(1) + p, rs, rd, S, D)
+    a, kv = _load_state(A0, KV0, n * tl.num_programs(0) + p, rs, rd, S, D)
     for i in range(0, span, C):
         rows = p * span + i + rc
         valid = rows < T
@@ -283,11 +290,11 @@ def causal_dq_kernel(Q, K, V, O, DO, DQ, DEN, W, G, M, A0, KV0, dA_out, dKV_out,
     """First backward walk (forward order): dq over range p, and the range's total gradient of the state
     entering it (dA_out, dKV_out [N, ranges, ..]), which the host suffix-sums for the second walk.
     q, k, v, o, dq share strides; do has its own."""
-    n, p = tl.program_id(0), tl.program_id(1)
+    p, n = tl.program_id(0), tl.program_id(1)
     rd, rs, rc = tl.arange(0, BD), tl.arange(0, BS), tl.arange(0, C)
     causal = rc[:, None] >= rc[None, :]
     w, g, m = _hash_params(W, G, M, BD, BS, LPP)
-    idx = n * tl.num_programs(1) + p
+    idx = n * tl.num_programs(0) + p
     a, kv = _load_state(A0, KV0, idx, rs, rd, S, D)
     tot_a = tl.zeros([BS], tl.float32)
     tot_kv = tl.zeros([BS, BD], tl.float32)
