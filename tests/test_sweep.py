@@ -182,3 +182,10 @@ def test_protocol_loss_is_the_published_one_without_temporaries(dtype):
     assert torch.allclose(loss, out.detach().float().sum(), rtol=1e-5)
     loss.backward()
     assert seen == [(0, 0, 0, 0)] and torch.equal(x.grad, torch.full_like(x, 3))
+
+
+def test_cuda_points_spawn_and_cpu_points_fork_from_a_server():
+    """CUDA cannot be used in a forked child once the parent has touched it (seen on an H100: every CUDA point
+    failed with "Cannot re-initialize CUDA in forked subprocess"), so CUDA points start fresh interpreters."""
+    assert runner._context("cuda").get_start_method() == "spawn"
+    assert runner._context("cpu").get_start_method() == "forkserver"
