@@ -58,7 +58,8 @@ class SumLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, out):
         ctx.shape, ctx.dtype = out.shape, out.dtype
-        return sum(piece.float().sum() for piece in out.detach().reshape(-1).split(2**22))
+        # Pieces of 64M elements: a bounded temporary (256 MiB), and few enough launches to cost ~nothing on a GPU.
+        return sum(piece.float().sum() for piece in out.detach().reshape(-1).split(2**26))
 
     @staticmethod
     def backward(ctx, grad):
