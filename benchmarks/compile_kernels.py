@@ -25,14 +25,15 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from racebench.methods.race import kernels
-from racebench.methods.race.fused import CHUNK, LAUNCH, TILE
+from racebench.methods.race import DEFAULT_L, DEFAULT_P, kernels, make_planes
+from racebench.methods.race.fused import CHUNK, LAUNCH, TILE, _Hash, _vprec
+from racebench.methods.registry import DTYPES
 
 H100_SHARED_BYTES = 232_448  # the most shared memory one block may use on sm_90 (227 KiB)
 KERNELS = ("state_kernel", "out_kernel", "dq_kernel", "dkv_kernel", "causal_fwd_kernel", "causal_dq_kernel",
            "causal_dkv_kernel")
 IO = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}  # [N, T, D] tensors in the input dtype
-VPREC = {"bf16": "tf32", "fp16": "tf32", "fp32": "tf32x3"}  # as fused._vprec
+D = 128
 
 
 def signature(fn, io_type: str, constexprs: dict) -> dict:
@@ -62,7 +63,9 @@ def resources(cubin: bytes) -> dict:
 
 def compile_one(name: str, io_type: str, paper: bool) -> dict:
     fn = getattr(kernels, name)
-    consts = dict(BD=128, BS=32, LPP=16, VPREC=VPREC[io_type])
+    # The sizes, precision and launch options the launcher uses for the swept shape, taken from it.
+    meta = _Hash(make_planes(DEFAULT_L, DEFAULT_P, D), D, "cpu").meta(_vprec(DTYPES[io_type]))
+    consts = {k: v for k, v in meta.items() if k in fn.arg_names}
     consts.update({"PAPER": paper} if "PAPER" in fn.arg_names else {})
     consts.update({"C": CHUNK} if "C" in fn.arg_names else {"BT": TILE})
     src = ASTSource(fn, signature(fn, io_type, consts),

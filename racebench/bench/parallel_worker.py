@@ -28,7 +28,7 @@ def shard_bounds(T: int, n: int) -> list[int]:
 
 
 def measure_parallel(spec: SweepSpec, method: str, T: int) -> dict:
-    """Run in the point's own process: start the ranks (forked before any torch work here), merge their rows."""
+    """Run in the point's own process: start the ranks (forked on CPU, spawned on CUDA), merge their rows."""
     ctx = mp.get_context("spawn" if spec.device == "cuda" else "fork")  # CUDA survives no fork (runner.py)
     results = ctx.SimpleQueue()
     with socket.socket() as s:

@@ -20,6 +20,7 @@ import triton
 from racebench.errors import UsageError
 from racebench.methods.race import FUSED_DTYPES, kernels
 from racebench.methods.race.hashing import corners
+from racebench.methods.race.lean import exclusive_cumsum, reverse_exclusive_cumsum
 
 TILE = 64  # tokens per non-causal tile
 CHUNK = 64  # tokens per exact causal chunk
@@ -130,10 +131,6 @@ def _state(k, v, h, span, n_ranges, beta, vprec):
     return A, KV
 
 
-def _exclusive_cumsum(x):
-    return torch.cat((torch.zeros_like(x[:, :1]), x[:, :-1].cumsum(1)), 1)
-
-
 class _FusedRace(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, planes, beta, causal, paper, eps):
@@ -145,7 +142,7 @@ class _FusedRace(torch.autograd.Function):
         if causal:
             span, n_ranges = _ranges(T, N, q.device, CHUNK, MAX_SPAN)
             A, KV = _state(k3, v3, h, span, n_ranges, beta, vprec)
-            A0, KV0 = _exclusive_cumsum(A), _exclusive_cumsum(KV)
+            A0, KV0 = exclusive_cumsum(A, 1), exclusive_cumsum(KV, 1)
             den = torch.empty(N, T if paper else 1, device=q.device, dtype=torch.float32)
             kernels.causal_fwd_kernel[(n_ranges, N)](q3, k3, v3, o, den, *h.args(), A0, KV0, T, D, h.S, span, beta,
                                                      eps, *_strides(q3), PAPER=paper, C=CHUNK, **h.meta(vprec))
@@ -179,7 +176,7 @@ class _FusedRace(torch.autograd.Function):
                                                     h.S, ctx.span, beta, eps, *_strides(q3), *_strides(do3),
                                                     PAPER=paper, C=CHUNK, **meta)
             # Gradient of the state leaving each range from every later query: an exclusive suffix sum.
-            dA_after, dKV_after = (_exclusive_cumsum(x.flip(1)).flip(1) for x in (dA, dKV))
+            dA_after, dKV_after = reverse_exclusive_cumsum(dA, 1), reverse_exclusive_cumsum(dKV, 1)
             items = N * n_ranges
             programs = min(items, _programs(q3.device))
             n_chunks = ctx.span // CHUNK

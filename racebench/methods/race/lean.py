@@ -223,13 +223,14 @@ def _chunked(x, C):
     return F.pad(x, (0, 0, 0, n * C - b)).view(n, C, F_)
 
 
-def _exclusive_cumsum(x, dim):
+def exclusive_cumsum(x, dim):
+    """Sums of the entries before each position along dim (zero first); shared with fused.py."""
     cs = x.cumsum(dim)
     return torch.cat((torch.zeros_like(cs.narrow(dim, 0, 1)), cs.narrow(dim, 0, x.shape[dim] - 1)), dim)
 
 
-def _reverse_exclusive_cumsum(x, dim):
-    return _exclusive_cumsum(x.flip(dim), dim).flip(dim)
+def reverse_exclusive_cumsum(x, dim):
+    return exclusive_cumsum(x.flip(dim), dim).flip(dim)
 
 
 def _causal_block(q, k, v, A_in, KV_in, cfg):
@@ -241,11 +242,11 @@ def _causal_block(q, k, v, A_in, KV_in, cfg):
     vv = _chunked(v.to(cfg.acc), C)
     mask = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()  # j <= t inside a chunk
     chunk_kv = fk.transpose(-1, -2) @ vv  # [n, S, D]
-    KV0 = KV_in + _exclusive_cumsum(chunk_kv, 0)  # state entering each chunk
+    KV0 = KV_in + exclusive_cumsum(chunk_kv, 0)  # state entering each chunk
     r = SimpleNamespace(uq=uq, uk=uk, fq=fq, fk=fk, vv=vv, mask=mask, KV0=KV0,
                         A_out=A_in + fk.sum((0, 1)), KV_out=KV_in + chunk_kv.sum(0))
     if cfg.normalize == "paper":
-        r.A0 = A_in + _exclusive_cumsum(fk.sum(1), 0)  # [n, S]
+        r.A0 = A_in + exclusive_cumsum(fk.sum(1), 0)  # [n, S]
         r.scores = (fq @ fk.transpose(-1, -2)) * mask  # [n, C, C]
         r.den = (fq * r.A0.unsqueeze(1)).sum(-1, keepdim=True) + r.scores.sum(-1, keepdim=True) + cfg.eps
         r.o = (fq @ KV0 + r.scores @ vv) / r.den
@@ -296,7 +297,7 @@ def causal_backward(q, k, v, do, As, KVs, dq, dk, dv, cfg):
             dKV0 = fq.transpose(-1, -2) @ dnum  # [n, S, D]: gradient of each chunk's entering state
             dA0 = (fq * dden).sum(1)  # [n, S]
             # A key in chunk c feeds the entering state of every later chunk and block.
-            dfk += (_reverse_exclusive_cumsum(dA0, 0) + dA_later).unsqueeze(1)
+            dfk += (reverse_exclusive_cumsum(dA0, 0) + dA_later).unsqueeze(1)
             dA_later = dA_later + dA0.sum(0)
         else:
             dS = (g @ vv.transpose(-1, -2)) * r.mask
@@ -309,7 +310,7 @@ def causal_backward(q, k, v, do, As, KVs, dq, dk, dv, cfg):
             # A_t sums the keys j <= t, so key j collects the gradient of every A_t with t >= j.
             dfk += (dA.flip(0).cumsum(0).flip(0) + dA_later).view_as(fk)
             dA_later = dA_later + dA.sum(0)
-        later_kv = _reverse_exclusive_cumsum(dKV0, 0) + dKV_later  # [n, S, D]
+        later_kv = reverse_exclusive_cumsum(dKV0, 0) + dKV_later  # [n, S, D]
         dfk += vv @ later_kv.transpose(-1, -2)
         dvv += fk @ later_kv
         dKV_later = dKV_later + dKV0.sum(0)
