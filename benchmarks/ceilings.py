@@ -5,7 +5,10 @@
 
 GEMM: a 4096^3 matrix product (fp32 on CPU, bf16 on CUDA), 2 * 4096^3 / time. Copy: a 1 GiB copy into memory
 already touched (so page faults are not counted), bytes read plus bytes written over time. Median of 5 after a
-warm-up, synchronized on CUDA before every clock read.
+warm-up, synchronized on CUDA before every clock read. On the CPU also the fresh-write rate: filling a newly
+allocated 1 GiB tensor, whose pages the kernel maps and zeroes on first touch. Every output and gradient of a
+pass is such memory on the CPU (large blocks go back to the system when freed; CUDA's caching allocator keeps
+them), so it bounds a CPU fwd+bwd from below as much as the copy rate does.
 """
 
 from __future__ import annotations
@@ -38,9 +41,13 @@ def ceilings(device: str) -> dict:
     gemm = 2 * 4096**3 / median_seconds(lambda: torch.mm(a, b, out=out), sync)
     src, dst = torch.randn(2**28, device=device), torch.empty(2**28, device=device)
     copy = 2 * src.numel() * 4 / median_seconds(lambda: dst.copy_(src), sync)
+    src = dst = None  # freed before the fresh-write pass
+    fresh = None
+    if device == "cpu":
+        fresh = 2**28 * 4 / median_seconds(lambda: torch.empty(2**28).fill_(1.0), sync)
     name = torch.cuda.get_device_name() if device == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     return dict(device=name, gemm_dtype=str(dtype).removeprefix("torch."), gemm_flops_per_s=gemm,
-                copy_bytes_per_s=copy)
+                copy_bytes_per_s=copy, fresh_write_bytes_per_s=fresh)
 
 
 def main() -> None:
@@ -50,7 +57,8 @@ def main() -> None:
     args = parser.parse_args()
     c = ceilings(args.device)
     print(f"{c['device']}: {c['gemm_dtype']} GEMM {c['gemm_flops_per_s'] / 1e9:.0f} GFLOP/s, "
-          f"copy {c['copy_bytes_per_s'] / 1e9:.1f} GB/s (read + write)")
+          f"copy {c['copy_bytes_per_s'] / 1e9:.1f} GB/s (read + write)"
+          + (f", fresh write {c['fresh_write_bytes_per_s'] / 1e9:.1f} GB/s" if c["fresh_write_bytes_per_s"] else ""))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(c, f, indent=1)

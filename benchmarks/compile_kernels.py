@@ -6,7 +6,8 @@ block may have.
 
 Triton's interpreter checks what the kernels compute, not whether the GPU compiler takes them; shapes a
 tensor-core product refuses, or too much shared memory, only show here. The variants are the ones a sweep
-launches: D = 128, S = 24 (P = L = 3), both normalizations. Needs triton (its NVIDIA backend carries ptxas and
+launches: D = 128, S = 24 (P = L = 3), both normalizations, with the launch options in effect (launch.py; set
+RACEBENCH_KERNEL_CONFIG to check another configuration). Needs triton (its NVIDIA backend carries ptxas and
 cuobjdump), not a GPU; TRITON_INTERPRET must be unset.
 """
 
@@ -26,13 +27,13 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from racebench.methods.race import DEFAULT_L, DEFAULT_P, kernels, make_planes
-from racebench.methods.race.fused import CHUNK, LAUNCH, TILE, _Hash, _vprec
+from racebench.methods.race.fused import CHUNK, _Hash, _vprec
 from racebench.methods.registry import DTYPES
 
 H100_SHARED_BYTES = 232_448  # the most shared memory one block may use on sm_90 (227 KiB)
 KERNELS = ("state_kernel", "out_kernel", "dq_kernel", "dkv_kernel", "causal_fwd_kernel", "causal_dq_kernel",
            "causal_dkv_kernel")
-IO = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}  # [N, T, D] tensors in the input dtype
+IO = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "WP"}  # tensors in the input dtype
 D = 128
 
 
@@ -64,15 +65,16 @@ def resources(cubin: bytes) -> dict:
 def compile_one(name: str, io_type: str, paper: bool) -> dict:
     fn = getattr(kernels, name)
     # The sizes, precision and launch options the launcher uses for the swept shape, taken from it.
-    meta = _Hash(make_planes(DEFAULT_L, DEFAULT_P, D), D, "cpu").meta(_vprec(DTYPES[io_type]))
+    meta = _Hash(make_planes(DEFAULT_L, DEFAULT_P, D), D, "cpu").meta(_vprec(DTYPES[io_type]), name)
     consts = {k: v for k, v in meta.items() if k in fn.arg_names}
     consts.update({"PAPER": paper} if "PAPER" in fn.arg_names else {})
-    consts.update({"C": CHUNK} if "C" in fn.arg_names else {"BT": TILE})
+    consts.update({"C": CHUNK} if "C" in fn.arg_names else {})
+    options = {k: v for k, v in meta.items() if k in ("num_warps", "num_stages")}
     src = ASTSource(fn, signature(fn, io_type, consts),
                     constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(LAUNCH))
-    return dict(kernel=name, dtype=io_type, normalize="paper" if paper else "bucket",
-                shared=compiled.metadata.shared, **resources(compiled.asm["cubin"]))
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    return dict(kernel=name, dtype=io_type, normalize="paper" if paper else "bucket", **options,
+                BT=consts.get("BT"), shared=compiled.metadata.shared, **resources(compiled.asm["cubin"]))
 
 
 def _compile_or_error(variant) -> dict:
@@ -101,7 +103,8 @@ def main() -> int:
             failed |= not fits
             rows.append(row | dict(ok=fits))
             print(f"{'ok  ' if fits else 'FAIL'} {row['kernel']:18s} {row['dtype']} {row['normalize']:6s} "
-                  + (f"regs {row['reg']} spill-stack {row['stack']} B shared {row['shared']} B"
+                  + (f"warps {row['num_warps']} stages {row['num_stages']} BT {row['BT'] or '-':>2} "
+                     f"regs {row['reg']} spill-stack {row['stack']} B shared {row['shared']} B"
                      if "error" not in row else row["error"]), flush=True)
     if args.json:
         with open(args.json, "w") as f:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check and timing of racebench in one run of about 8 minutes, on a machine where nothing can be
-# installed (torch and triton present): the native GPU tests, the device's ceilings, the paper-protocol sweep
+# installed (torch and triton present): the native GPU tests, the device's ceilings, the kernels' launch options
+# timed and the fastest kept (benchmarks/tune_kernels.py), the paper-protocol sweep
 # (B=1, H=4, D=128, bf16, non-causal, fwd+bwd) of race, race-torch, race-paper, flash, linear and performer from
 # 2^12 to each method's threshold (race's OOM threshold refined to 5%), a causal sweep of race against flash
 # for their crossover, then plots, reports and the README's GPU targets, all under $OUT.
@@ -24,11 +25,15 @@ OTHERS_MAX_LEN=${OTHERS_MAX_LEN:-2^22}
 [ "$DEVICE" = cuda ] || export TRITON_INTERPRET=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
 START=$SECONDS
 
+DEADLINE=${DEADLINE:-540}  # seconds for the whole script: no stage runs past it (the device tool allows 600)
 stage() {  # stage NAME LIMIT_S COMMAND...: the command's output goes to $OUT/NAME.log
-    local name=$1 limit=$2 t0=$SECONDS rc
+    local name=$1 limit=$2 t0=$SECONDS rc left=$((DEADLINE - (SECONDS - START)))
     shift 2
+    if [ "$left" -lt 5 ]; then echo "== $name skipped: the ${DEADLINE} s deadline is reached"; return; fi
+    [ "$limit" -gt "$left" ] && limit=$left
     echo "== $name (limit ${limit} s, $((SECONDS - START)) s in)"
     timeout --kill-after=20 "$limit" "$@" >"$OUT/$name.log" 2>&1
     rc=$?
@@ -46,6 +51,15 @@ stage ceilings 30 "$PY" benchmarks/ceilings.py --device "$DEVICE" --json "$OUT/c
 XDIST=()
 "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 8)
 stage smoke 60 "$PY" benchmarks/gpu_smoke.py --device "$DEVICE" --T 4096
+# Launch options timed per kernel; the sweeps below run with the fastest that match the defaults' results
+# (run.json records them). TUNE=0 skips this and keeps the defaults.
+if [ "${TUNE:-1}" = 1 ]; then
+    TUNE_ARGS=(--T 2^20 --causal-T 2^18)
+    [ "$DEVICE" = cuda ] || TUNE_ARGS=(--T 200 --causal-T 130 --repeats 1)
+    stage tune 90 "$PY" benchmarks/tune_kernels.py --device "$DEVICE" "${TUNE_ARGS[@]}" --json "$OUT/tune.json" \
+        --write-config "$OUT/kernel-config.json"
+    [ -s "$OUT/kernel-config.json" ] && export RACEBENCH_KERNEL_CONFIG=$OUT/kernel-config.json
+fi
 stage sweep-race 90 "${SWEEP[@]}" --methods race "${NONCAUSAL[@]}" --max-len "$MAX_LEN" --time-budget 20s --refine 0.05 \
     --out "$OUT/paper-gpu-race"
 stage sweep-others 110 "${SWEEP[@]}" --methods race-torch,race-paper,flash,linear,performer "${NONCAUSAL[@]}" \

@@ -13,6 +13,7 @@ from conftest import qkv, rel_err
 from racebench import make_planes, race_attention
 from racebench.errors import UsageError
 from racebench.methods.race import fused as fused_module
+from racebench.methods.race import launch
 from racebench.methods.race.hashing import soft_hash
 from racebench.methods.race.naive import race_naive
 from racebench.methods.registry import HAS_TRITON, get_method
@@ -173,3 +174,21 @@ def test_fused_follows_planes_changed_in_place():
     assert key in fused_module._HASHES
     del planes
     assert key not in fused_module._HASHES  # the cached copy goes with its planes
+
+
+@CAUSAL
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("config", [
+    dict(BT=16, num_warps=8, num_stages=2, programs_per_sm=1),
+    dict(BT=32, num_warps=2, num_stages=1, programs_per_sm=16),
+], ids=["BT16-w8-s2-pps1", "BT32-w2-pps16"])
+def test_fused_launch_options(check_close, causal, dtype, config):
+    """Every launch option benchmarks/tune_kernels.py may choose computes the same RACE: other tiles, other
+    range lengths (programs per SM), warps and stages."""
+    opts = {k: v for k, v in config.items() if k != "programs_per_sm"}
+    overrides = {name: {k: v for k, v in opts.items() if k in defaults} for name, defaults in launch.DEFAULTS.items()}
+    q, k, v = on_device(*qkv(1, 2, 200, 64, dtype=dtype))
+    planes = make_planes(3, 3, 64, seed=torch.seed() % 1000)
+    kw = dict(beta=8.0, causal=causal, normalize="paper")
+    with launch.overridden(overrides | dict(programs_per_sm=config["programs_per_sm"])):
+        check_close(fused(planes, **kw), spec(planes, **kw), q, k, v, tol=TOL32 if dtype == torch.float32 else 5e-3)

@@ -14,6 +14,7 @@ import psutil
 import torch
 
 import racebench
+from racebench.methods.race import launch
 
 SCHEMA_VERSION = 1
 
@@ -67,6 +68,9 @@ def collect_environment() -> dict:
         "platform": platform.platform(),
         "utc_time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        # How race's Triton kernels were launched (the defaults, or RACEBENCH_KERNEL_CONFIG's file).
+        "race_kernel_launch": launch.current(),
+        "race_kernel_config_file": os.environ.get(launch.ENV),
     }
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)

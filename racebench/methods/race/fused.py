@@ -18,18 +18,15 @@ import torch
 import triton
 
 from racebench.errors import UsageError
-from racebench.methods.race import FUSED_DTYPES, kernels
+from racebench.methods.race import FUSED_DTYPES, kernels, launch
 from racebench.methods.race.hashing import corners
 from racebench.methods.race.lean import exclusive_cumsum, reverse_exclusive_cumsum
 
-TILE = 64  # tokens per non-causal tile
+TILE = 64  # the unit of non-causal ranges; each kernel's own tile (BT, launch.py) divides it
 CHUNK = 64  # tokens per exact causal chunk
 # Tokens per causal range at most: the saved entering states cost S * D / MAX_SPAN floats per token, and the
 # bucket backward's scratch S * D * MAX_SPAN / CHUNK floats per program. Non-causal ranges are not capped.
 MAX_SPAN = 1024
-# Launch options: one stage, since every loop carries state and its loads feed the hash first; four warps. With
-# these, every kernel compiles for sm_90 within its shared memory (tests/test_kernels_compile.py).
-LAUNCH = dict(num_warps=4, num_stages=1)
 MAX_FEATURES = 64  # 128 needs 232 KiB of shared memory in the causal kernels, over an H100's 227
 MAX_D = 256
 
@@ -54,7 +51,8 @@ def race_fused(q, k, v, planes, *, beta, causal=False, normalize="paper", eps=1e
 
 
 class _Hash:
-    """The padded hash parameters the kernels load: W [LPP, BD], G and M [LPP, BS] (see kernels.py)."""
+    """The padded hash parameters the kernels load: W [LPP, BD] and its 16-bit parts, G and M [LPP, BS] (see
+    kernels.py)."""
 
     def __init__(self, planes, D, device):
         L, P, _ = planes.shape
@@ -72,13 +70,28 @@ class _Hash:
             self.G[l * P : (l + 1) * P, l * R : (l + 1) * R] = 1
             self.M[l * P : (l + 1) * P, l * R : (l + 1) * R] = negative
         self.W, self.G, self.M = (t.to(device) for t in (self.W, self.G, self.M))
+        self.parts = {}
 
-    def args(self):
-        return self.W, self.G, self.M
+    def args(self, dtype):
+        """W, WP, G, M for inputs of `dtype`: WP [3, LPP, BD] holds W as the sum of three parts in a 16-bit
+        dtype (kernels._proj), or W thrice for fp32 inputs (unused there)."""
+        if dtype not in self.parts:
+            if dtype == torch.float32:
+                self.parts[dtype] = self.W.expand(3, -1, -1).contiguous()
+            else:
+                if not torch.isfinite(self.W.to(dtype)).all():  # once per planes and dtype
+                    raise UsageError(f"the hyperplanes exceed the range of {dtype}; use fp32 or bf16 inputs, or "
+                                     "race-torch")
+                rest, parts = self.W, []
+                for _ in range(3):
+                    parts.append(rest.to(dtype))
+                    rest = rest - parts[-1].float()
+                self.parts[dtype] = torch.stack(parts)
+        return self.W, self.parts[dtype], self.G, self.M
 
-    def meta(self, vprec):
-        """The kernels' compile-time sizes and precision, and the launch options."""
-        return dict(BD=self.BD, BS=self.BS, LPP=self.LPP, VPREC=vprec, **LAUNCH)
+    def meta(self, vprec, kernel):
+        """What launching `kernel` takes besides its arguments: compile-time sizes, precision, launch options."""
+        return dict(BD=self.BD, BS=self.BS, LPP=self.LPP, VPREC=vprec, **launch.options(kernel))
 
 
 _HASHES: dict = {}  # id(planes) -> (weak reference to planes, {(version, D, device): _Hash})
@@ -104,7 +117,8 @@ def _vprec(dtype):
 
 def _programs(device):
     """Programs that keep the device busy: a few per streaming multiprocessor (a handful on the interpreter)."""
-    return 4 * (torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1)
+    per_sm = launch.current()["programs_per_sm"]
+    return per_sm * (torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1)
 
 
 def _ranges(T, N, device, unit, cap=None):
@@ -126,8 +140,8 @@ def _state(k, v, h, span, n_ranges, beta, vprec):
     N, T, D = k.shape
     A = torch.empty(N, n_ranges, h.S, device=k.device, dtype=torch.float32)
     KV = torch.empty(N, n_ranges, h.S, D, device=k.device, dtype=torch.float32)
-    kernels.state_kernel[(n_ranges, N)](k, v, *h.args(), A, KV, T, D, h.S, span, beta, *_strides(k), *_strides(v),
-                                        BT=TILE, **h.meta(vprec))
+    kernels.state_kernel[(n_ranges, N)](k, v, *h.args(k.dtype), A, KV, T, D, h.S, span, beta, *_strides(k),
+                                        *_strides(v), **h.meta(vprec, "state_kernel"))
     return A, KV
 
 
@@ -144,17 +158,18 @@ class _FusedRace(torch.autograd.Function):
             A, KV = _state(k3, v3, h, span, n_ranges, beta, vprec)
             A0, KV0 = exclusive_cumsum(A, 1), exclusive_cumsum(KV, 1)
             den = torch.empty(N, T if paper else 1, device=q.device, dtype=torch.float32)
-            kernels.causal_fwd_kernel[(n_ranges, N)](q3, k3, v3, o, den, *h.args(), A0, KV0, T, D, h.S, span, beta,
-                                                     eps, *_strides(q3), PAPER=paper, C=CHUNK, **h.meta(vprec))
+            kernels.causal_fwd_kernel[(n_ranges, N)](q3, k3, v3, o, den, *h.args(q.dtype), A0, KV0, T, D, h.S, span,
+                                                     beta, eps, *_strides(q3), PAPER=paper, C=CHUNK,
+                                                     **h.meta(vprec, "causal_fwd_kernel"))
             ctx.save_for_backward(q3, k3, v3, o, den, A0, KV0)
             ctx.span = span
         else:
             span, n_ranges = _ranges(T, N, q.device, TILE)
             A, KV = (x.sum(1) for x in _state(k3, v3, h, span, n_ranges, beta, vprec))
             Z = KV if paper else KV / (A + eps).unsqueeze(-1)
-            kernels.out_kernel[(triton.cdiv(T, TILE), N)](q3, o, *h.args(), A, Z, T, D, h.S, beta, eps,
-                                                          *_strides(q3), *_strides(o), PAPER=paper, BT=TILE,
-                                                          **h.meta(vprec))
+            meta = h.meta(vprec, "out_kernel")
+            kernels.out_kernel[(triton.cdiv(T, meta["BT"]), N)](q3, o, *h.args(q.dtype), A, Z, T, D, h.S, beta, eps,
+                                                                *_strides(q3), *_strides(o), PAPER=paper, **meta)
             ctx.save_for_backward(q3, k3, v3, A, Z)
         ctx.h, ctx.vprec, ctx.shape = h, vprec, (B, H, T, D)
         ctx.beta, ctx.causal, ctx.paper, ctx.eps = beta, causal, paper, eps
@@ -164,7 +179,7 @@ class _FusedRace(torch.autograd.Function):
     def backward(ctx, do):
         B, H, T, D = ctx.shape
         N, h, beta, eps, paper = B * H, ctx.h, ctx.beta, ctx.eps, ctx.paper
-        meta = h.meta(ctx.vprec)
+        vprec = ctx.vprec
         do3 = do.reshape(N, T, D)
         if ctx.causal:
             q3, k3, v3, o, den, A0, KV0 = ctx.saved_tensors
@@ -172,9 +187,9 @@ class _FusedRace(torch.autograd.Function):
             n_ranges = A0.shape[1]
             dA = torch.empty_like(A0)
             dKV = torch.empty_like(KV0)
-            kernels.causal_dq_kernel[(n_ranges, N)](q3, k3, v3, o, do3, dq, den, *h.args(), A0, KV0, dA, dKV, T, D,
-                                                    h.S, ctx.span, beta, eps, *_strides(q3), *_strides(do3),
-                                                    PAPER=paper, C=CHUNK, **meta)
+            kernels.causal_dq_kernel[(n_ranges, N)](q3, k3, v3, o, do3, dq, den, *h.args(q3.dtype), A0, KV0, dA, dKV,
+                                                    T, D, h.S, ctx.span, beta, eps, *_strides(q3), *_strides(do3),
+                                                    PAPER=paper, C=CHUNK, **h.meta(vprec, "causal_dq_kernel"))
             # Gradient of the state leaving each range from every later query: an exclusive suffix sum.
             dA_after, dKV_after = reverse_exclusive_cumsum(dA, 1), reverse_exclusive_cumsum(dKV, 1)
             items = N * n_ranges
@@ -183,27 +198,28 @@ class _FusedRace(torch.autograd.Function):
             scratch = (1, 1) if paper else (programs, n_chunks, h.BS)  # see causal_dkv_kernel
             SA = torch.empty(scratch, device=q3.device, dtype=torch.float32)
             SKV = torch.empty(*scratch, h.BD if not paper else 1, device=q3.device, dtype=torch.float32)
-            kernels.causal_dkv_kernel[(programs,)](q3, k3, v3, o, do3, dk, dv, den, *h.args(), A0, KV0, dA_after,
-                                                   dKV_after, SA, SKV, T, D, h.S, ctx.span, n_chunks, items,
+            kernels.causal_dkv_kernel[(programs,)](q3, k3, v3, o, do3, dk, dv, den, *h.args(q3.dtype), A0, KV0,
+                                                   dA_after, dKV_after, SA, SKV, T, D, h.S, ctx.span, n_chunks, items,
                                                    n_ranges, beta, eps, *_strides(q3), *_strides(do3), PAPER=paper,
-                                                   C=CHUNK, **meta)
+                                                   C=CHUNK, **h.meta(vprec, "causal_dkv_kernel"))
         else:
             q3, k3, v3, A, Z = ctx.saved_tensors
             dq, dk, dv = (torch.empty_like(q3) for _ in range(3))
             span, n_ranges = _ranges(T, N, q3.device, TILE)
             dA = torch.empty(N, n_ranges, h.S, device=q3.device, dtype=torch.float32)
             dZ = torch.empty(N, n_ranges, h.S, D, device=q3.device, dtype=torch.float32)
-            kernels.dq_kernel[(n_ranges, N)](q3, do3, dq, *h.args(), A, Z, dA, dZ, T, D, h.S, span, beta, eps,
-                                             *_strides(q3), *_strides(do3), *_strides(dq), PAPER=paper, BT=TILE,
-                                             **meta)
+            kernels.dq_kernel[(n_ranges, N)](q3, do3, dq, *h.args(q3.dtype), A, Z, dA, dZ, T, D, h.S, span, beta, eps,
+                                             *_strides(q3), *_strides(do3), *_strides(dq), PAPER=paper,
+                                             **h.meta(vprec, "dq_kernel"))
             dA, dZ = dA.sum(1), dZ.sum(1)
             if paper:
                 dKV = dZ
             else:  # Z = KV / (A + eps)
                 a_eps = (A + eps).unsqueeze(-1)
                 dA, dKV = -(dZ * Z).sum(-1) / a_eps.squeeze(-1), dZ / a_eps
-            kernels.dkv_kernel[(triton.cdiv(T, TILE), N)](k3, v3, dk, dv, *h.args(), dA, dKV, T, D, h.S, beta,
-                                                          *_strides(k3), *_strides(v3), *_strides(dk), BT=TILE,
-                                                          **meta)
+            meta = h.meta(vprec, "dkv_kernel")
+            kernels.dkv_kernel[(triton.cdiv(T, meta["BT"]), N)](k3, v3, dk, dv, *h.args(k3.dtype), dA, dKV, T, D, h.S,
+                                                                beta, *_strides(k3), *_strides(v3), *_strides(dk),
+                                                                **meta)
         shape = (B, H, T, D)
         return dq.view(shape), dk.view(shape), dv.view(shape), None, None, None, None, None

@@ -12,12 +12,16 @@ c_rp = -1 (logsigmoid(-z) = logsigmoid(z) - z). This is softmax_r(beta <u, c_r>)
 hashing.py, with no reduction over a group of 2**P columns. W, G and M are zero-padded to powers of two
 (LPP rows, BD / BS columns); padded features and padded rows are set to exactly zero.
 
-All arithmetic is fp32 whatever the input dtype. The hash's own products always use "ieee" fp32 dots (a
-tf32 rounding of z would move phi by about 1%); VPREC picks the precision of the value products: "tf32x3"
-(about fp32 accuracy on tensor cores) for fp32 inputs, "tf32" for bf16/fp16 inputs, whose own rounding is
-coarser. ("ieee" value products on fp32 [64, 128] tiles need more shared memory than an H100 block has:
-benchmarks/compile_kernels.py.) Triton's interpreter computes every product in fp32, so the CPU tests check
-the algebra; the tf32 roundings are checked when the same tests run on a GPU.
+Accumulation is fp32 whatever the input dtype. Products run on the tensor cores at about fp32 accuracy where
+precision matters, without holding fp32 copies of 16-bit tiles (those spilled registers: compile_kernels.py):
+- the hash's projection x W^T: for bf16/fp16 x, three 16-bit products with W split into three 16-bit parts
+  (exact: x is 16-bit, products of 16-bit values are exact in fp32); for fp32 x, tf32x3. (A tf32 rounding of
+  z would move phi by about 1%.) The hash's other products (with G, M, and back through W) take tf32x3;
+- value products of fp32 features or states with a 16-bit tile: the fp32 side split into two 16-bit parts
+  (_vdot, about 16 mantissa bits, finer than tf32); products of two fp32 operands take VPREC: "tf32x3" for
+  fp32 inputs, "tf32" for bf16/fp16 inputs, whose own rounding is coarser.
+Triton's interpreter computes every product in fp32 (bf16 dots in fp32 too, see _dot16), so the CPU tests check
+the algebra, the 16-bit splits included; the tensor-core roundings are checked when the same tests run on a GPU.
 
 Lengths are not specialized on (do_not_specialize): one compiled kernel serves every T.
 
@@ -29,8 +33,17 @@ forwards (dq, and each range's gradient of its entering state), causal_dkv_kerne
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
+
+# The hash's own products: tf32x3 splits each fp32 operand into two tf32 parts on the tensor cores, about fp32
+# accuracy. ("ieee" fp32 products hold a whole K = 128 row of x per thread: every kernel spilled registers.)
+HPREC = tl.constexpr("tf32x3")
+# Triton's interpreter multiplies the bit patterns of bfloat16 dot operands (triton-lang/triton#11584): there, _dot16
+# multiplies the same values in fp32 (bf16 x bf16 products are exact in fp32, so the values agree).
+INTERPRETING = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
 
 @triton.jit
@@ -41,36 +54,73 @@ def _tanh(x):
 
 
 @triton.jit
-def _features(x, w, g, m, beta, valid, svalid):
-    """x [R, BD] fp32 -> (u [R, LPP], phi [R, BS]); rows not `valid` and features not `svalid` are zero."""
-    u = _tanh(tl.dot(x, tl.trans(w), input_precision="ieee"))
+def _features(x, hp, beta, valid, svalid):
+    """x [R, BD] (the input dtype) -> (u [R, LPP], phi [R, BS]) in fp32; rows not `valid` and features not
+    `svalid` are zero. hp: the hash parameters of _hash_params."""
+    u = _tanh(_proj(x, hp))
     z = (2.0 * beta) * u
     ls = tl.minimum(z, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(z)))  # logsigmoid(z), stable for any z
-    logphi = tl.dot(ls, g, input_precision="ieee") - tl.dot(z, m, input_precision="ieee")
+    logphi = tl.dot(ls, hp[1], input_precision=HPREC) - tl.dot(z, hp[2], input_precision=HPREC)
     phi = tl.where(valid[:, None] & svalid[None, :], tl.exp(logphi), 0.0)
     return u, phi
 
 
 @triton.jit
-def _features_vjp(u, phi, dphi, w, g, m, beta):
-    """The gradient with respect to x of <phi(x), dphi>, from u and phi of _features: [R, BD]."""
-    gphi = dphi * phi  # d log phi
-    z = (2.0 * beta) * u
-    dz = tl.sigmoid(-z) * tl.dot(gphi, tl.trans(g), input_precision="ieee") \
-        - tl.dot(gphi, tl.trans(m), input_precision="ieee")
-    dh = (2.0 * beta) * dz * (1.0 - u * u)
-    return tl.dot(dh, w, input_precision="ieee")
+def _proj(x, hp):
+    """x W^T in fp32. A 16-bit x is exact in its own dtype, and W is the sum of three 16-bit parts (hp[3:6]),
+    so three tensor-core products of 16-bit operands give it at fp32 accuracy, with x held at half the
+    registers of an fp32 copy; fp32 x takes tf32x3."""
+    if x.dtype == tl.float32:
+        xw = tl.dot(x, tl.trans(hp[0]), input_precision=HPREC)
+    else:
+        xw = _dot16(x, tl.trans(hp[3])) + _dot16(x, tl.trans(hp[4])) + _dot16(x, tl.trans(hp[5]))
+    return xw
 
 
 @triton.jit
-def _hash_params(W, G, M, BD: tl.constexpr, BS: tl.constexpr, LPP: tl.constexpr):
+def _dot16(a, b):
+    """a @ b for 16-bit a and b of one dtype, accumulated in fp32."""
+    if INTERPRETING:  # noqa: SIM108 (a static if: Triton compiles one branch)
+        ab = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        ab = tl.dot(a, b)
+    return ab
+
+
+@triton.jit
+def _vdot(a, b, VPREC: tl.constexpr):
+    """a @ b for fp32 a (features, gradients, states) and b a tile in the input dtype. For a 16-bit b, a is
+    split into two parts of b's dtype (about 16 mantissa bits, finer than tf32) so that b stays 16-bit in
+    registers and both products run at the 16-bit rate."""
+    if b.dtype == tl.float32:
+        ab = tl.dot(a, b, input_precision=VPREC)
+    else:
+        hi = a.to(b.dtype)
+        ab = _dot16(hi, b) + _dot16((a - hi.to(tl.float32)).to(b.dtype), b)
+    return ab
+
+
+@triton.jit
+def _features_vjp(u, phi, dphi, hp, beta):
+    """The gradient with respect to x of <phi(x), dphi>, from u and phi of _features: [R, BD] fp32."""
+    gphi = dphi * phi  # d log phi
+    z = (2.0 * beta) * u
+    dz = tl.sigmoid(-z) * tl.dot(gphi, tl.trans(hp[1]), input_precision=HPREC) \
+        - tl.dot(gphi, tl.trans(hp[2]), input_precision=HPREC)
+    dh = (2.0 * beta) * dz * (1.0 - u * u)
+    return tl.dot(dh, hp[0], input_precision=HPREC)
+
+
+@triton.jit
+def _hash_params(W, WP, G, M, BD: tl.constexpr, BS: tl.constexpr, LPP: tl.constexpr):
+    """(w fp32, g, m, and w's three parts in the input dtype) as _features takes them; WP [3, LPP, BD]."""
     rl = tl.arange(0, LPP)
     rd = tl.arange(0, BD)
     rs = tl.arange(0, BS)
-    w = tl.load(W + rl[:, None] * BD + rd[None, :])
-    g = tl.load(G + rl[:, None] * BS + rs[None, :])
-    m = tl.load(M + rl[:, None] * BS + rs[None, :])
-    return w, g, m
+    wo = rl[:, None] * BD + rd[None, :]
+    go = rl[:, None] * BS + rs[None, :]
+    return (tl.load(W + wo), tl.load(G + go), tl.load(M + go),
+            tl.load(WP + wo), tl.load(WP + LPP * BD + wo), tl.load(WP + 2 * LPP * BD + wo))
 
 
 @triton.jit
@@ -80,9 +130,10 @@ def _row_offsets(n, rows, rd, sn, st, sd):
 
 @triton.jit
 def _load_rows(X, n, rows, rd, T, D, sn, st, sd):
-    """Rows `rows` of head n of X [N, T, D], as fp32 [len(rows), BD], zero outside T x D."""
+    """Rows `rows` of head n of X [N, T, D], [len(rows), BD] in X's dtype (converted to fp32 where used: a
+    bf16 tile held in registers takes half the room), zero outside T x D."""
     mask = (rows[:, None] < T) & (rd[None, :] < D)
-    return tl.load(X + _row_offsets(n, rows, rd, sn, st, sd), mask=mask, other=0.0).to(tl.float32)
+    return tl.load(X + _row_offsets(n, rows, rd, sn, st, sd), mask=mask, other=0.0)
 
 
 @triton.jit
@@ -109,23 +160,23 @@ def _store_state(A, KV, idx, rs, rd, S, D, a, kv):
 @triton.jit
 def _advance(a, kv, fk, v, VPREC: tl.constexpr):
     """The state after one more chunk of keys and values."""
-    return a + tl.sum(fk, 0), kv + tl.dot(tl.trans(fk), v, input_precision=VPREC)
+    return a + tl.sum(fk, 0), kv + _vdot(tl.trans(fk), v, VPREC)
 
 
 @triton.jit(do_not_specialize=["T", "span"])
-def state_kernel(K, V, W, G, M, A_out, KV_out, T, D, S, span, beta, skn, skt, skd, svn, svt, svd,
+def state_kernel(K, V, W, WP, G, M, A_out, KV_out, T, D, S, span, beta, skn, skt, skd, svn, svt, svd,
                  BT: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, LPP: tl.constexpr, VPREC: tl.constexpr):
     """A_out[n, p] = sum phi(k_j), KV_out[n, p] = sum phi(k_j) v_j^T over the keys of range p (span tokens)."""
     p, n = tl.program_id(0), tl.program_id(1)
     rd, rs, rt = tl.arange(0, BD), tl.arange(0, BS), tl.arange(0, BT)
-    w, g, m = _hash_params(W, G, M, BD, BS, LPP)
+    hp = _hash_params(W, WP, G, M, BD, BS, LPP)
     a = tl.zeros([BS], tl.float32)
     kv = tl.zeros([BS, BD], tl.float32)
     for i in range(0, span, BT):
         rows = p * span + i + rt
         k = _load_rows(K, n, rows, rd, T, D, skn, skt, skd)
         v = _load_rows(V, n, rows, rd, T, D, svn, svt, svd)
-        _, phi = _features(k, w, g, m, beta, rows < T, rs < S)
+        _, phi = _features(k, hp, beta, rows < T, rs < S)
         a, kv = _advance(a, kv, phi, v, VPREC)
     _store_state(A_out, KV_out, n * tl.num_programs(0) + p, rs, rd, S, D, a, kv)
 
@@ -134,7 +185,7 @@ def state_kernel(K, V, W, G, M, A_out, KV_out, T, D, S, span, beta, skn, skt, sk
 
 
 @triton.jit(do_not_specialize=["T"])
-def out_kernel(Q, O, W, G, M, A, Z, T, D, S, beta, eps, sqn, sqt, sqd, son, sot, sod,
+def out_kernel(Q, O, W, WP, G, M, A, Z, T, D, S, beta, eps, sqn, sqt, sqd, son, sot, sod,
                PAPER: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, LPP: tl.constexpr,
                VPREC: tl.constexpr):
     """o = phi(q) Z, divided by phi(q) . A + eps for the paper normalization (Z = KV there, KV / (A + eps) for
@@ -142,9 +193,9 @@ def out_kernel(Q, O, W, G, M, A, Z, T, D, S, beta, eps, sqn, sqt, sqd, son, sot,
     p, n = tl.program_id(0), tl.program_id(1)
     rd, rs = tl.arange(0, BD), tl.arange(0, BS)
     rows = p * BT + tl.arange(0, BT)
-    w, g, m = _hash_params(W, G, M, BD, BS, LPP)
+    hp = _hash_params(W, WP, G, M, BD, BS, LPP)
     a, z = _load_state(A, Z, n, rs, rd, S, D)
-    _, phi = _features(_load_rows(Q, n, rows, rd, T, D, sqn, sqt, sqd), w, g, m, beta, rows < T, rs < S)
+    _, phi = _features(_load_rows(Q, n, rows, rd, T, D, sqn, sqt, sqd), hp, beta, rows < T, rs < S)
     o = tl.dot(phi, z, input_precision=VPREC)
     if PAPER:
         o = o / (tl.sum(phi * a[None, :], 1) + eps)[:, None]
@@ -152,7 +203,7 @@ def out_kernel(Q, O, W, G, M, A, Z, T, D, S, beta, eps, sqn, sqt, sqd, son, sot,
 
 
 @triton.jit(do_not_specialize=["T", "span"])
-def dq_kernel(Q, DO, DQ, W, G, M, A, Z, dA_out, dZ_out, T, D, S, span, beta, eps,
+def dq_kernel(Q, DO, DQ, W, WP, G, M, A, Z, dA_out, dZ_out, T, D, S, span, beta, eps,
               sqn, sqt, sqd, sgn, sgt, sgd, sdn, sdt, sdd,
               PAPER: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, LPP: tl.constexpr,
               VPREC: tl.constexpr):
@@ -160,50 +211,50 @@ def dq_kernel(Q, DO, DQ, W, G, M, A, Z, dA_out, dZ_out, T, D, S, span, beta, eps
     gradient of Z = KV / (A + eps) for the bucket one (the host turns it into dA, dKV)."""
     p, n = tl.program_id(0), tl.program_id(1)
     rd, rs, rt = tl.arange(0, BD), tl.arange(0, BS), tl.arange(0, BT)
-    w, g, m = _hash_params(W, G, M, BD, BS, LPP)
+    hp = _hash_params(W, WP, G, M, BD, BS, LPP)
     a, z = _load_state(A, Z, n, rs, rd, S, D)
     da = tl.zeros([BS], tl.float32)
     dz = tl.zeros([BS, BD], tl.float32)
     for i in range(0, span, BT):
         rows = p * span + i + rt
         gr = _load_rows(DO, n, rows, rd, T, D, sgn, sgt, sgd)
-        u, phi = _features(_load_rows(Q, n, rows, rd, T, D, sqn, sqt, sqd), w, g, m, beta, rows < T, rs < S)
-        gz = tl.dot(gr, tl.trans(z), input_precision=VPREC)  # [BT, BS]
+        u, phi = _features(_load_rows(Q, n, rows, rd, T, D, sqn, sqt, sqd), hp, beta, rows < T, rs < S)
+        gz = tl.trans(_vdot(z, tl.trans(gr), VPREC))  # [BT, BS]
         if PAPER:
             den = tl.sum(phi * a[None, :], 1) + eps
             wt = tl.sum(phi * gz, 1) / (den * den)
             dphi = gz / den[:, None] - a[None, :] * wt[:, None]
-            dz += tl.dot(tl.trans(phi / den[:, None]), gr, input_precision=VPREC)
+            dz += _vdot(tl.trans(phi / den[:, None]), gr, VPREC)
             da -= tl.sum(phi * wt[:, None], 0)
         else:
             dphi = gz
-            dz += tl.dot(tl.trans(phi), gr, input_precision=VPREC)
-        _store_rows(DQ, n, rows, rd, T, D, sdn, sdt, sdd, _features_vjp(u, phi, dphi, w, g, m, beta))
+            dz += _vdot(tl.trans(phi), gr, VPREC)
+        _store_rows(DQ, n, rows, rd, T, D, sdn, sdt, sdd, _features_vjp(u, phi, dphi, hp, beta))
     _store_state(dA_out, dZ_out, n * tl.num_programs(0) + p, rs, rd, S, D, da, dz)
 
 
 @triton.jit(do_not_specialize=["T"])
-def dkv_kernel(K, V, DK, DV, W, G, M, dA, dKV, T, D, S, beta, skn, skt, skd, svn, svt, svd,
+def dkv_kernel(K, V, DK, DV, W, WP, G, M, dA, dKV, T, D, S, beta, skn, skt, skd, svn, svt, svd,
                sdn, sdt, sdd, BT: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, LPP: tl.constexpr,
                VPREC: tl.constexpr):
     """dk, dv of one tile from the state's gradient (dA [S], dKV [S, D]); dk, dv share strides."""
     p, n = tl.program_id(0), tl.program_id(1)
     rd, rs = tl.arange(0, BD), tl.arange(0, BS)
     rows = p * BT + tl.arange(0, BT)
-    w, g, m = _hash_params(W, G, M, BD, BS, LPP)
+    hp = _hash_params(W, WP, G, M, BD, BS, LPP)
     da, dkv = _load_state(dA, dKV, n, rs, rd, S, D)
     v = _load_rows(V, n, rows, rd, T, D, svn, svt, svd)
-    u, phi = _features(_load_rows(K, n, rows, rd, T, D, skn, skt, skd), w, g, m, beta, rows < T, rs < S)
-    dphi = da[None, :] + tl.dot(v, tl.trans(dkv), input_precision=VPREC)
+    u, phi = _features(_load_rows(K, n, rows, rd, T, D, skn, skt, skd), hp, beta, rows < T, rs < S)
+    dphi = da[None, :] + tl.trans(_vdot(dkv, tl.trans(v), VPREC))
     _store_rows(DV, n, rows, rd, T, D, sdn, sdt, sdd, tl.dot(phi, dkv, input_precision=VPREC))
-    _store_rows(DK, n, rows, rd, T, D, sdn, sdt, sdd, _features_vjp(u, phi, dphi, w, g, m, beta))
+    _store_rows(DK, n, rows, rd, T, D, sdn, sdt, sdd, _features_vjp(u, phi, dphi, hp, beta))
 
 
 # ----------------------------------------------------------------------------- causal
 
 
 @triton.jit(do_not_specialize=["T", "span"])
-def causal_fwd_kernel(Q, K, V, O, DEN, W, G, M, A0, KV0, T, D, S, span, beta, eps, sn, st, sd,
+def causal_fwd_kernel(Q, K, V, O, DEN, W, WP, G, M, A0, KV0, T, D, S, span, beta, eps, sn, st, sd,
                       PAPER: tl.constexpr, C: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
                       LPP: tl.constexpr, VPREC: tl.constexpr):
     """o over range p, from the state entering it (A0, KV0 [N, ranges, ..]); DEN [N, T] keeps the paper
@@ -211,23 +262,23 @@ def causal_fwd_kernel(Q, K, V, O, DEN, W, G, M, A0, KV0, T, D, S, span, beta, ep
     p, n = tl.program_id(0), tl.program_id(1)
     rd, rs, rc = tl.arange(0, BD), tl.arange(0, BS), tl.arange(0, C)
     causal = rc[:, None] >= rc[None, :]
-    w, g, m = _hash_params(W, G, M, BD, BS, LPP)
+    hp = _hash_params(W, WP, G, M, BD, BS, LPP)
     a, kv = _load_state(A0, KV0, n * tl.num_programs(0) + p, rs, rd, S, D)
     for i in range(0, span, C):
         rows = p * span + i + rc
         valid = rows < T
         v = _load_rows(V, n, rows, rd, T, D, sn, st, sd)
-        _, fq = _features(_load_rows(Q, n, rows, rd, T, D, sn, st, sd), w, g, m, beta, valid, rs < S)
-        _, fk = _features(_load_rows(K, n, rows, rd, T, D, sn, st, sd), w, g, m, beta, valid, rs < S)
+        _, fq = _features(_load_rows(Q, n, rows, rd, T, D, sn, st, sd), hp, beta, valid, rs < S)
+        _, fk = _features(_load_rows(K, n, rows, rd, T, D, sn, st, sd), hp, beta, valid, rs < S)
         if PAPER:
             scores = tl.where(causal, tl.dot(fq, tl.trans(fk), input_precision=VPREC), 0.0)
             den = tl.sum(fq * a[None, :], 1) + tl.sum(scores, 1) + eps
-            o = (tl.dot(fq, kv, input_precision=VPREC) + tl.dot(scores, v, input_precision=VPREC)) / den[:, None]
+            o = (tl.dot(fq, kv, input_precision=VPREC) + _vdot(scores, v, VPREC)) / den[:, None]
             tl.store(DEN + n * T + rows, den, mask=valid)
         else:
             qf = fq / (a[None, :] + tl.cumsum(fk, 0) + eps)  # A_t sums the keys j <= t
             scores = tl.where(causal, tl.dot(qf, tl.trans(fk), input_precision=VPREC), 0.0)
-            o = tl.dot(qf, kv, input_precision=VPREC) + tl.dot(scores, v, input_precision=VPREC)
+            o = tl.dot(qf, kv, input_precision=VPREC) + _vdot(scores, v, VPREC)
         _store_rows(O, n, rows, rd, T, D, sn, st, sd, o)
         a, kv = _advance(a, kv, fk, v, VPREC)
 
@@ -242,16 +293,16 @@ def _load_den(DEN, n, rows, valid, T, PAPER: tl.constexpr, C: tl.constexpr):
 
 
 @triton.jit
-def _load_chunk(Q, K, V, O, DO, DEN, w, g, m, beta, n, rows, rd, rs, T, D, S, sn, st, sd, sgn, sgt, sgd,
+def _load_chunk(Q, K, V, O, DO, DEN, hp, beta, n, rows, rd, rs, T, D, S, sn, st, sd, sgn, sgt, sgd,
                 PAPER: tl.constexpr, C: tl.constexpr):
     """What both backward walks read of one chunk: v, dO, (u, phi) of q and of k, o and the denominators."""
     valid = rows < T
     v = _load_rows(V, n, rows, rd, T, D, sn, st, sd)
     gr = _load_rows(DO, n, rows, rd, T, D, sgn, sgt, sgd)
-    uq, fq = _features(_load_rows(Q, n, rows, rd, T, D, sn, st, sd), w, g, m, beta, valid, rs < S)
-    uk, fk = _features(_load_rows(K, n, rows, rd, T, D, sn, st, sd), w, g, m, beta, valid, rs < S)
-    o = _load_rows(O, n, rows, rd, T, D, sn, st, sd)
-    return v, gr, uq, fq, uk, fk, o, _load_den(DEN, n, rows, valid, T, PAPER, C)
+    uq, fq = _features(_load_rows(Q, n, rows, rd, T, D, sn, st, sd), hp, beta, valid, rs < S)
+    uk, fk = _features(_load_rows(K, n, rows, rd, T, D, sn, st, sd), hp, beta, valid, rs < S)
+    o = _load_rows(O, n, rows, rd, T, D, sn, st, sd).to(tl.float32)
+    return v.to(tl.float32), gr.to(tl.float32), uq, fq, uk, fk, o, _load_den(DEN, n, rows, valid, T, PAPER, C)
 
 
 @triton.jit
@@ -284,7 +335,7 @@ def _causal_chunk_grads(fq, fk, v, gr, o, den, a, kv, causal, eps, PAPER: tl.con
 
 
 @triton.jit(do_not_specialize=["T", "span"])
-def causal_dq_kernel(Q, K, V, O, DO, DQ, DEN, W, G, M, A0, KV0, dA_out, dKV_out, T, D, S, span, beta, eps,
+def causal_dq_kernel(Q, K, V, O, DO, DQ, DEN, W, WP, G, M, A0, KV0, dA_out, dKV_out, T, D, S, span, beta, eps,
                      sn, st, sd, sgn, sgt, sgd, PAPER: tl.constexpr, C: tl.constexpr, BD: tl.constexpr,
                      BS: tl.constexpr, LPP: tl.constexpr, VPREC: tl.constexpr):
     """First backward walk (forward order): dq over range p, and the range's total gradient of the state
@@ -293,18 +344,18 @@ def causal_dq_kernel(Q, K, V, O, DO, DQ, DEN, W, G, M, A0, KV0, dA_out, dKV_out,
     p, n = tl.program_id(0), tl.program_id(1)
     rd, rs, rc = tl.arange(0, BD), tl.arange(0, BS), tl.arange(0, C)
     causal = rc[:, None] >= rc[None, :]
-    w, g, m = _hash_params(W, G, M, BD, BS, LPP)
+    hp = _hash_params(W, WP, G, M, BD, BS, LPP)
     idx = n * tl.num_programs(0) + p
     a, kv = _load_state(A0, KV0, idx, rs, rd, S, D)
     tot_a = tl.zeros([BS], tl.float32)
     tot_kv = tl.zeros([BS, BD], tl.float32)
     for i in range(0, span, C):
         rows = p * span + i + rc
-        v, gr, uq, fq, _, fk, o, den = _load_chunk(Q, K, V, O, DO, DEN, w, g, m, beta, n, rows, rd, rs, T, D, S,
+        v, gr, uq, fq, _, fk, o, den = _load_chunk(Q, K, V, O, DO, DEN, hp, beta, n, rows, rd, rs, T, D, S,
                                                    sn, st, sd, sgn, sgt, sgd, PAPER, C)
         dfq, _, _, _, dst_kv, dst_a, _ = _causal_chunk_grads(fq, fk, v, gr, o, den, a, kv, causal, eps, PAPER,
                                                              VPREC)
-        _store_rows(DQ, n, rows, rd, T, D, sn, st, sd, _features_vjp(uq, fq, dfq, w, g, m, beta))
+        _store_rows(DQ, n, rows, rd, T, D, sn, st, sd, _features_vjp(uq, fq, dfq, hp, beta))
         tot_kv += dst_kv
         tot_a += dst_a
         a, kv = _advance(a, kv, fk, v, VPREC)
@@ -312,7 +363,7 @@ def causal_dq_kernel(Q, K, V, O, DO, DQ, DEN, W, G, M, A0, KV0, dA_out, dKV_out,
 
 
 @triton.jit(do_not_specialize=["T", "span", "n_chunks", "items", "n_ranges"])
-def causal_dkv_kernel(Q, K, V, O, DO, DK, DV, DEN, W, G, M, A0, KV0, dA_after, dKV_after, SA, SKV, T, D, S, span,
+def causal_dkv_kernel(Q, K, V, O, DO, DK, DV, DEN, W, WP, G, M, A0, KV0, dA_after, dKV_after, SA, SKV, T, D, S, span,
                       n_chunks, items, n_ranges, beta, eps, sn, st, sd, sgn, sgt, sgd, PAPER: tl.constexpr,
                       C: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, LPP: tl.constexpr, VPREC: tl.constexpr):
     """Second backward walk: dk, dv, range by range (a persistent grid: each program takes ranges
@@ -328,7 +379,7 @@ def causal_dkv_kernel(Q, K, V, O, DO, DK, DV, DEN, W, G, M, A0, KV0, dA_after, d
     pid = tl.program_id(0)
     rd, rs, rc = tl.arange(0, BD), tl.arange(0, BS), tl.arange(0, C)
     causal = rc[:, None] >= rc[None, :]
-    w, g, m = _hash_params(W, G, M, BD, BS, LPP)
+    hp = _hash_params(W, WP, G, M, BD, BS, LPP)
     for item in range(pid, items, tl.num_programs(0)):
         n, p = item // n_ranges, item % n_ranges
         a = tl.zeros([BS], tl.float32)
@@ -341,7 +392,7 @@ def causal_dkv_kernel(Q, K, V, O, DO, DK, DV, DEN, W, G, M, A0, KV0, dA_after, d
                 tl.store(SA + (pid * n_chunks + c) * BS + rs, a)
                 tl.store(SKV + (pid * n_chunks + c) * BS * BD + rs[:, None] * BD + rd[None, :], kv)
                 v = _load_rows(V, n, rows, rd, T, D, sn, st, sd)
-                _, fk = _features(_load_rows(K, n, rows, rd, T, D, sn, st, sd), w, g, m, beta, rows < T, rs < S)
+                _, fk = _features(_load_rows(K, n, rows, rd, T, D, sn, st, sd), hp, beta, rows < T, rs < S)
                 a, kv = _advance(a, kv, fk, v, VPREC)
             tl.debug_barrier()  # scratch written by all threads before any reads it
         later_a, later_kv = _load_state(dA_after, dKV_after, item, rs, rd, S, D)
@@ -351,7 +402,7 @@ def causal_dkv_kernel(Q, K, V, O, DO, DK, DV, DEN, W, G, M, A0, KV0, dA_after, d
             if not PAPER:
                 a = tl.load(SA + (pid * n_chunks + c) * BS + rs)
                 kv = tl.load(SKV + (pid * n_chunks + c) * BS * BD + rs[:, None] * BD + rd[None, :])
-            v, gr, _, fq, uk, fk, o, den = _load_chunk(Q, K, V, O, DO, DEN, w, g, m, beta, n, rows, rd, rs, T, D,
+            v, gr, _, fq, uk, fk, o, den = _load_chunk(Q, K, V, O, DO, DEN, hp, beta, n, rows, rd, rs, T, D,
                                                        S, sn, st, sd, sgn, sgt, sgd, PAPER, C)
             _, dS, qf, dnum, dst_kv, dst_a, da_t = _causal_chunk_grads(fq, fk, v, gr, o, den, a, kv, causal, eps,
                                                                        PAPER, VPREC)
@@ -363,6 +414,6 @@ def causal_dkv_kernel(Q, K, V, O, DO, DK, DV, DEN, W, G, M, A0, KV0, dA_after, d
             dv = tl.dot(tl.trans(scores), dnum, input_precision=VPREC) \
                 + tl.dot(fk, later_kv, input_precision=VPREC)
             _store_rows(DV, n, rows, rd, T, D, sn, st, sd, dv)
-            _store_rows(DK, n, rows, rd, T, D, sn, st, sd, _features_vjp(uk, fk, dfk, w, g, m, beta))
+            _store_rows(DK, n, rows, rd, T, D, sn, st, sd, _features_vjp(uk, fk, dfk, hp, beta))
             later_kv += dst_kv
             later_a += dst_a
