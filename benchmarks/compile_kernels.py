@@ -33,7 +33,7 @@ from racebench.methods.registry import DTYPES
 H100_SHARED_BYTES = 232_448  # the most shared memory one block may use on sm_90 (227 KiB)
 KERNELS = ("state_kernel", "out_kernel", "dq_kernel", "dkv_kernel", "causal_fwd_kernel", "causal_dq_kernel",
            "causal_dkv_kernel")
-IO = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "WP"}  # tensors in the input dtype
+IO = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}  # [N, T, D] tensors in the input dtype
 D = 128
 
 
@@ -41,6 +41,8 @@ def signature(fn, io_type: str, constexprs: dict) -> dict:
     def kind(name):
         if name in constexprs:
             return "constexpr"
+        if name == "WP":  # W's bf16 parts for bf16 inputs, W itself (fp32) otherwise
+            return "*bf16" if io_type == "bf16" else "*fp32"
         if name in IO:
             return "*" + io_type
         if name in ("beta", "eps"):

@@ -51,7 +51,7 @@ def race_fused(q, k, v, planes, *, beta, causal=False, normalize="paper", eps=1e
 
 
 class _Hash:
-    """The padded hash parameters the kernels load: W [LPP, BD] and its 16-bit parts, G and M [LPP, BS] (see
+    """The padded hash parameters the kernels load: W [LPP, BD] and its bf16 parts, G and M [LPP, BS] (see
     kernels.py)."""
 
     def __init__(self, planes, D, device):
@@ -73,20 +73,17 @@ class _Hash:
         self.parts = {}
 
     def args(self, dtype):
-        """W, WP, G, M for inputs of `dtype`: WP [3, LPP, BD] holds W as the sum of three parts in a 16-bit
-        dtype (kernels._proj), or W thrice for fp32 inputs (unused there)."""
+        """W, WP, G, M for inputs of `dtype`: WP [3, LPP, BD] holds W as the sum of three bf16 parts
+        (kernels._proj) for bf16 inputs, W thrice for the others (unused there)."""
         if dtype not in self.parts:
-            if dtype == torch.float32:
-                self.parts[dtype] = self.W.expand(3, -1, -1).contiguous()
-            else:
-                if not torch.isfinite(self.W.to(dtype)).all():  # once per planes and dtype
-                    raise UsageError(f"the hyperplanes exceed the range of {dtype}; use fp32 or bf16 inputs, or "
-                                     "race-torch")
+            if dtype == torch.bfloat16:
                 rest, parts = self.W, []
                 for _ in range(3):
                     parts.append(rest.to(dtype))
                     rest = rest - parts[-1].float()
                 self.parts[dtype] = torch.stack(parts)
+            else:
+                self.parts[dtype] = self.W.expand(3, -1, -1).contiguous()
         return self.W, self.parts[dtype], self.G, self.M
 
     def meta(self, vprec, kernel):

@@ -13,15 +13,16 @@ hashing.py, with no reduction over a group of 2**P columns. W, G and M are zero-
 (LPP rows, BD / BS columns); padded features and padded rows are set to exactly zero.
 
 Accumulation is fp32 whatever the input dtype. Products run on the tensor cores at about fp32 accuracy where
-precision matters, without holding fp32 copies of 16-bit tiles (those spilled registers: compile_kernels.py):
-- the hash's projection x W^T: for bf16/fp16 x, three 16-bit products with W split into three 16-bit parts
-  (exact: x is 16-bit, products of 16-bit values are exact in fp32); for fp32 x, tf32x3. (A tf32 rounding of
-  z would move phi by about 1%.) The hash's other products (with G, M, and back through W) take tf32x3;
-- value products of fp32 features or states with a 16-bit tile: the fp32 side split into two 16-bit parts
-  (_vdot, about 16 mantissa bits, finer than tf32); products of two fp32 operands take VPREC: "tf32x3" for
-  fp32 inputs, "tf32" for bf16/fp16 inputs, whose own rounding is coarser.
+precision matters, and bf16 tiles stay bf16 in registers (fp32 copies of them spilled: compile_kernels.py):
+- the hash's projection x W^T: for bf16 x, three bf16 products with W split into three bf16 parts (exact: x is
+  bf16, and products of bf16 values are exact in fp32); for fp32 and fp16 x (converted), tf32x3. (A tf32
+  rounding of z would move phi by about 1%.) The hash's other products (with G, M, back through W): tf32x3;
+- value products of fp32 features or states with a bf16 tile: the fp32 side split into two bf16 parts
+  (_vdot, about 16 mantissa bits, finer than tf32); other value products take VPREC on fp32 operands: "tf32x3"
+  for fp32 inputs, "tf32" for bf16/fp16 inputs, whose own rounding is coarser. fp16 tiles are converted: with
+  fp16's 5-bit exponent the low part of a split underflows for small features (tested: errors 10x larger).
 Triton's interpreter computes every product in fp32 (bf16 dots in fp32 too, see _dot16), so the CPU tests check
-the algebra, the 16-bit splits included; the tensor-core roundings are checked when the same tests run on a GPU.
+the algebra, the bf16 splits included; the tensor-core roundings are checked when the same tests run on a GPU.
 
 Lengths are not specialized on (do_not_specialize): one compiled kernel serves every T.
 
@@ -67,11 +68,11 @@ def _features(x, hp, beta, valid, svalid):
 
 @triton.jit
 def _proj(x, hp):
-    """x W^T in fp32. A 16-bit x is exact in its own dtype, and W is the sum of three 16-bit parts (hp[3:6]),
-    so three tensor-core products of 16-bit operands give it at fp32 accuracy, with x held at half the
-    registers of an fp32 copy; fp32 x takes tf32x3."""
-    if x.dtype == tl.float32:
-        xw = tl.dot(x, tl.trans(hp[0]), input_precision=HPREC)
+    """x W^T in fp32. A bf16 x is exact in bf16, and W is the sum of three bf16 parts (hp[3:6]), so three
+    tensor-core products of bf16 operands give it at fp32 accuracy, with x held at half the registers of an
+    fp32 copy; fp32 and fp16 x take tf32x3."""
+    if x.dtype != tl.bfloat16:
+        xw = tl.dot(x.to(tl.float32), tl.trans(hp[0]), input_precision=HPREC)
     else:
         xw = _dot16(x, tl.trans(hp[3])) + _dot16(x, tl.trans(hp[4])) + _dot16(x, tl.trans(hp[5]))
     return xw
@@ -79,7 +80,7 @@ def _proj(x, hp):
 
 @triton.jit
 def _dot16(a, b):
-    """a @ b for 16-bit a and b of one dtype, accumulated in fp32."""
+    """a @ b for bf16 a and b, accumulated in fp32."""
     if INTERPRETING:  # noqa: SIM108 (a static if: Triton compiles one branch)
         ab = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     else:
@@ -89,14 +90,17 @@ def _dot16(a, b):
 
 @triton.jit
 def _vdot(a, b, VPREC: tl.constexpr):
-    """a @ b for fp32 a (features, gradients, states) and b a tile in the input dtype. For a 16-bit b, a is
-    split into two parts of b's dtype (about 16 mantissa bits, finer than tf32) so that b stays 16-bit in
-    registers and both products run at the 16-bit rate."""
-    if b.dtype == tl.float32:
-        ab = tl.dot(a, b, input_precision=VPREC)
-    else:
+    """a @ b where one side is fp32 (features, gradients, states) and the other a tile in the input dtype. With
+    a bf16 tile the fp32 side is split into two bf16 parts (about 16 mantissa bits, finer than tf32), so that
+    the tile stays bf16 in registers and both products run at the bf16 rate; otherwise VPREC on fp32."""
+    if a.dtype != tl.bfloat16 and b.dtype != tl.bfloat16:
+        ab = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=VPREC)
+    elif a.dtype == tl.float32:
         hi = a.to(b.dtype)
         ab = _dot16(hi, b) + _dot16((a - hi.to(tl.float32)).to(b.dtype), b)
+    else:
+        hi = b.to(a.dtype)
+        ab = _dot16(a, hi) + _dot16(a, (b - hi.to(tl.float32)).to(a.dtype))
     return ab
 
 
@@ -113,7 +117,7 @@ def _features_vjp(u, phi, dphi, hp, beta):
 
 @triton.jit
 def _hash_params(W, WP, G, M, BD: tl.constexpr, BS: tl.constexpr, LPP: tl.constexpr):
-    """(w fp32, g, m, and w's three parts in the input dtype) as _features takes them; WP [3, LPP, BD]."""
+    """(w fp32, g, m, and w's three bf16 parts) as _features takes them; WP [3, LPP, BD]."""
     rl = tl.arange(0, LPP)
     rd = tl.arange(0, BD)
     rs = tl.arange(0, BS)
@@ -219,7 +223,7 @@ def dq_kernel(Q, DO, DQ, W, WP, G, M, A, Z, dA_out, dZ_out, T, D, S, span, beta,
         rows = p * span + i + rt
         gr = _load_rows(DO, n, rows, rd, T, D, sgn, sgt, sgd)
         u, phi = _features(_load_rows(Q, n, rows, rd, T, D, sqn, sqt, sqd), hp, beta, rows < T, rs < S)
-        gz = tl.trans(_vdot(z, tl.trans(gr), VPREC))  # [BT, BS]
+        gz = _vdot(gr, tl.trans(z), VPREC)  # [BT, BS]
         if PAPER:
             den = tl.sum(phi * a[None, :], 1) + eps
             wt = tl.sum(phi * gz, 1) / (den * den)
@@ -245,7 +249,7 @@ def dkv_kernel(K, V, DK, DV, W, WP, G, M, dA, dKV, T, D, S, beta, skn, skt, skd,
     da, dkv = _load_state(dA, dKV, n, rs, rd, S, D)
     v = _load_rows(V, n, rows, rd, T, D, svn, svt, svd)
     u, phi = _features(_load_rows(K, n, rows, rd, T, D, skn, skt, skd), hp, beta, rows < T, rs < S)
-    dphi = da[None, :] + tl.trans(_vdot(dkv, tl.trans(v), VPREC))
+    dphi = da[None, :] + _vdot(v, tl.trans(dkv), VPREC)
     _store_rows(DV, n, rows, rd, T, D, sdn, sdt, sdd, tl.dot(phi, dkv, input_precision=VPREC))
     _store_rows(DK, n, rows, rd, T, D, sdn, sdt, sdd, _features_vjp(u, phi, dphi, hp, beta))
 
