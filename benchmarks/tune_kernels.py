@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -114,6 +116,41 @@ def label(config: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in opts.items())
 
 
+def _compile(config: dict, causal: bool, device: str) -> str | None:
+    """One short pass under `config`, so that its kernels land in Triton's on-disk cache (a spawned worker)."""
+    planes = make_planes(3, 3, 128, seed=0).to(device)
+    q, k, v = (torch.randn(1, 4, 1024, 128, device=device, dtype=torch.bfloat16) for _ in range(3))
+    try:
+        with launch.overridden(config):
+            run_once(q, k, v, planes, causal)
+    except Exception as exc:  # measure() reports it again, in its place
+        return f"{type(exc).__name__}: {exc}"[:200]
+    return None
+
+
+def precompile(work: list[tuple[dict, bool]], device: str, jobs: int) -> None:
+    """Compile every candidate's kernels in parallel processes first: compiles take seconds each and Triton runs
+    them one at a time in a process; the measurements then find them in the cache."""
+    if jobs <= 1 or device != "cuda":
+        return
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        list(pool.map(_compile, *zip(*work), [device] * len(work)))
+
+
+def report(rows, args, dev):
+    """Write what has been measured so far: a stage limit may stop the tuner part way."""
+    # The interpreter's times say nothing about a GPU: a dry run checks the options' results, and keeps the defaults.
+    chosen = best_config(rows, args.max_error) if dev.type == "cuda" else {}
+    if args.json:
+        device = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (interpreter)"
+        with open(args.json, "w") as f:
+            json.dump(dict(rows=rows, chosen=chosen, device=device), f, indent=1)
+    if args.write_config:
+        with open(args.write_config, "w") as f:
+            json.dump(chosen, f, indent=1)
+    return chosen
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--T", default="2^20", help="non-causal length")
@@ -124,6 +161,7 @@ def main() -> int:
     parser.add_argument("--write-config", help="write the chosen launch configuration here")
     parser.add_argument("--device", default="cuda", help="cuda, or cpu for a dry run on Triton's interpreter "
                         "(TRITON_INTERPRET=1; no kernel times)")
+    parser.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1), help="parallel compiles first")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("tune_kernels times kernels on a GPU; none is visible")
@@ -131,8 +169,12 @@ def main() -> int:
         sys.exit("a dry run on the CPU needs TRITON_INTERPRET=1")
     dev = torch.device(args.device)
     planes = make_planes(3, 3, 128, seed=0).to(dev)
+    families = ((False, parse_length(args.T)), (True, parse_length(args.causal_T)))
+    t0 = time.perf_counter()
+    precompile([(c, causal) for causal, _ in families for c in [{}] + candidates(causal)], args.device, args.jobs)
+    print(f"compiled the candidates in {time.perf_counter() - t0:.0f} s", flush=True)
     rows = []
-    for causal, T in ((False, parse_length(args.T)), (True, parse_length(args.causal_T))):
+    for causal, T in families:
         gen = torch.Generator(device=dev).manual_seed(0)
         q, k, v = (torch.randn(1, 4, T, 128, device=dev, generator=gen, dtype=torch.bfloat16) for _ in range(3))
         with launch.overridden({}):
@@ -142,6 +184,7 @@ def main() -> int:
             result = measure(config, q, k, v, planes, causal, reference, args.repeats)
             row = dict(causal=causal, T=T, label=label(config), config=config, result=result)
             rows.append(row)
+            report(rows, args, dev)
             kern = " ".join(f"{n.replace('_kernel', '')} {ms:.3f}" for n, ms in result.get("kernels_ms", {}).items())
             print(f"{'causal' if causal else 'non-causal'} T={T} {row['label']:32s} "
                   + (f"total {result['total_ms']:.3f} ms  [{kern}]  max rel. error {result['max_rel_error']:.1e}"
@@ -150,16 +193,7 @@ def main() -> int:
         del q, k, v, reference
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-    # The interpreter's times say nothing about a GPU: a dry run checks the options' results, and keeps the defaults.
-    chosen = best_config(rows, args.max_error) if dev.type == "cuda" else {}
-    print("chosen:", json.dumps(chosen))
-    if args.json:
-        device = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (interpreter)"
-        with open(args.json, "w") as f:
-            json.dump(dict(rows=rows, chosen=chosen, device=device), f, indent=1)
-    if args.write_config:
-        with open(args.write_config, "w") as f:
-            json.dump(chosen, f, indent=1)
+    print("chosen:", json.dumps(report(rows, args, dev)))
     return 0
 
 
