@@ -81,8 +81,14 @@ def test_method_matches_float64_reference(check_close, name, causal, T):
     cfg = BuildConfig(B=2, H=2, T=T, D=D, dtype=torch.float32, causal=causal, seed=torch.seed() % 1000)
     fn = build_method(name, cfg)
     q, k, v = qkv(2, 2, T, D, dtype=torch.float32, scale=0.5)
-    # At T = 1 the output is v up to O(eps) terms, so the q and k gradients are O(eps) and ill-conditioned:
-    # fp32 rounding then differs between any two orderings of the same sums by ~1e-4 of the gradient scale.
+    if T == 1:
+        # The output is v up to O(eps) terms, so the q and k gradients are O(eps) and ill-conditioned: fp32
+        # rounding then differs between any two orderings of the same sums by ~1e-4 of the gradient scale, times
+        # 1 / (similarity of q and k). For RACE that similarity, phi(q).phi(k), can be ~1e-3 for an independent k,
+        # and then any fp32 implementation, the reference's included, returns noise no fixed allowance bounds
+        # (300 draws: worst 1.2e-3, 2 over). The single key is the query itself (similarity >= L / 2**P): worst
+        # 7.9e-5 over 300 draws. T = 63 and 257 test independent keys.
+        k = q.detach().clone().requires_grad_()
     check_close(fn, references(cfg)[name], q, k, v, tol=1e-5 if T > 1 else 5e-4)
 
 
