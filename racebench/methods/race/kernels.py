@@ -90,17 +90,20 @@ def _dot16(a, b):
 
 @triton.jit
 def _vdot(a, b, VPREC: tl.constexpr):
-    """a @ b where one side is fp32 (features, gradients, states) and the other a tile in the input dtype. With
-    a bf16 tile the fp32 side is split into two bf16 parts (about 16 mantissa bits, finer than tf32), so that
-    the tile stays bf16 in registers and both products run at the bf16 rate; otherwise VPREC on fp32."""
-    if a.dtype != tl.bfloat16 and b.dtype != tl.bfloat16:
-        ab = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=VPREC)
-    elif a.dtype == tl.float32:
+    """a @ b for fp32 operands (features, gradients, states) and tiles in the input dtype, in any pairing. Two
+    bf16 tiles multiply directly (exact products); with one bf16 tile the fp32 side is split into two bf16 parts
+    (about 16 mantissa bits, finer than tf32), so the tile stays bf16 in registers and both products run at the
+    bf16 rate; anything else multiplies in fp32 at VPREC."""
+    if a.dtype == tl.bfloat16 and b.dtype == tl.bfloat16:
+        ab = _dot16(a, b)
+    elif a.dtype == tl.float32 and b.dtype == tl.bfloat16:
         hi = a.to(b.dtype)
         ab = _dot16(hi, b) + _dot16((a - hi.to(tl.float32)).to(b.dtype), b)
-    else:
+    elif a.dtype == tl.bfloat16 and b.dtype == tl.float32:
         hi = b.to(a.dtype)
         ab = _dot16(a, hi) + _dot16(a, (b - hi.to(tl.float32)).to(a.dtype))
+    else:
+        ab = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=VPREC)
     return ab
 
 
@@ -299,43 +302,45 @@ def _load_den(DEN, n, rows, valid, T, PAPER: tl.constexpr, C: tl.constexpr):
 @triton.jit
 def _load_chunk(Q, K, V, O, DO, DEN, hp, beta, n, rows, rd, rs, T, D, S, sn, st, sd, sgn, sgt, sgd,
                 PAPER: tl.constexpr, C: tl.constexpr):
-    """What both backward walks read of one chunk: v, dO, (u, phi) of q and of k, o and the denominators."""
+    """What both backward walks read of one chunk: v, dO, (u, phi) of q and of k, o and the denominators (the
+    tiles v, dO, o in the input dtype)."""
     valid = rows < T
     v = _load_rows(V, n, rows, rd, T, D, sn, st, sd)
     gr = _load_rows(DO, n, rows, rd, T, D, sgn, sgt, sgd)
     uq, fq = _features(_load_rows(Q, n, rows, rd, T, D, sn, st, sd), hp, beta, valid, rs < S)
     uk, fk = _features(_load_rows(K, n, rows, rd, T, D, sn, st, sd), hp, beta, valid, rs < S)
-    o = _load_rows(O, n, rows, rd, T, D, sn, st, sd).to(tl.float32)
-    return v.to(tl.float32), gr.to(tl.float32), uq, fq, uk, fk, o, _load_den(DEN, n, rows, valid, T, PAPER, C)
+    o = _load_rows(O, n, rows, rd, T, D, sn, st, sd)
+    return v, gr, uq, fq, uk, fk, o, _load_den(DEN, n, rows, valid, T, PAPER, C)
 
 
 @triton.jit
 def _causal_chunk_grads(fq, fk, v, gr, o, den, a, kv, causal, eps, PAPER: tl.constexpr, VPREC: tl.constexpr):
-    """The gradient pieces of one chunk shared by both backward walks.
+    """The gradient pieces of one chunk shared by both backward walks; v, gr (dO), o are tiles in the input dtype.
 
     Returns (dfq: gradient of phi(q), dS: gradient of the masked scores, qf: the query features the
-    scores use, dst_kv [BS, BD] and dst_a [BS]: this chunk's queries' gradient of the state entering the
-    chunk, da_t [C, BS]: its rows sum to dst_a; for the bucket normalization row t is the gradient of A_t,
-    which the keys j <= t of the chunk also receive)."""
-    if PAPER:
-        dnum = gr / den[:, None]
-        dden = -tl.sum(dnum * o, 1)
-        dS = tl.where(causal, tl.dot(dnum, tl.trans(v), input_precision=VPREC) + dden[:, None], 0.0)
-        dfq = tl.dot(dnum, tl.trans(kv), input_precision=VPREC) + dden[:, None] * a[None, :] \
+    scores use, qs: the same over each query's denominator (what multiplies dO into the state's and the values'
+    gradients; qf for the bucket normalization), dst_kv [BS, BD] and dst_a [BS]: this chunk's queries' gradient
+    of the state entering the chunk, da_t [C, BS]: its rows sum to dst_a; for the bucket normalization row t is
+    the gradient of A_t, which the keys j <= t of the chunk also receive)."""
+    if PAPER:  # o = num / den: the gradient of num is dO / den, of den -dO.o / den
+        rden = 1.0 / den
+        dden = -tl.sum(gr.to(tl.float32) * o.to(tl.float32), 1) * rden
+        dS = tl.where(causal, _vdot(gr, tl.trans(v), VPREC) * rden[:, None] + dden[:, None], 0.0)
+        dfq = _vdot(gr, tl.trans(kv), VPREC) * rden[:, None] + dden[:, None] * a[None, :] \
             + tl.dot(dS, fk, input_precision=VPREC)
         qf = fq
-        dst_kv = tl.dot(tl.trans(fq), dnum, input_precision=VPREC)
+        qs = fq * rden[:, None]
         da_t = fq * dden[:, None]
     else:
         a_eps = a[None, :] + tl.cumsum(fk, 0) + eps
         qf = fq / a_eps
-        dnum = gr
-        dS = tl.where(causal, tl.dot(gr, tl.trans(v), input_precision=VPREC), 0.0)
-        dqf = tl.dot(gr, tl.trans(kv), input_precision=VPREC) + tl.dot(dS, fk, input_precision=VPREC)
+        qs = qf
+        dS = tl.where(causal, _vdot(gr, tl.trans(v), VPREC), 0.0)
+        dqf = _vdot(gr, tl.trans(kv), VPREC) + tl.dot(dS, fk, input_precision=VPREC)
         dfq = dqf / a_eps
         da_t = -(dqf * qf) / a_eps
-        dst_kv = tl.dot(tl.trans(qf), gr, input_precision=VPREC)
-    return dfq, dS, qf, dnum, dst_kv, tl.sum(da_t, 0), da_t
+    dst_kv = _vdot(tl.trans(qs), gr, VPREC)
+    return dfq, dS, qf, qs, dst_kv, tl.sum(da_t, 0), da_t
 
 
 @triton.jit(do_not_specialize=["T", "span"])
@@ -408,15 +413,14 @@ def causal_dkv_kernel(Q, K, V, O, DO, DK, DV, DEN, W, WP, G, M, A0, KV0, dA_afte
                 kv = tl.load(SKV + (pid * n_chunks + c) * BS * BD + rs[:, None] * BD + rd[None, :])
             v, gr, _, fq, uk, fk, o, den = _load_chunk(Q, K, V, O, DO, DEN, hp, beta, n, rows, rd, rs, T, D,
                                                        S, sn, st, sd, sgn, sgt, sgd, PAPER, C)
-            _, dS, qf, dnum, dst_kv, dst_a, da_t = _causal_chunk_grads(fq, fk, v, gr, o, den, a, kv, causal, eps,
-                                                                       PAPER, VPREC)
-            scores = tl.where(causal, tl.dot(qf, tl.trans(fk), input_precision=VPREC), 0.0)
+            _, dS, qf, qs, dst_kv, dst_a, da_t = _causal_chunk_grads(fq, fk, v, gr, o, den, a, kv, causal, eps,
+                                                                     PAPER, VPREC)
             dfk = tl.dot(tl.trans(dS), qf, input_precision=VPREC) + later_a[None, :] \
-                + tl.dot(v, tl.trans(later_kv), input_precision=VPREC)
+                + _vdot(v, tl.trans(later_kv), VPREC)
             if not PAPER:
                 dfk += tl.cumsum(da_t, 0, reverse=True)  # key j feeds A_t for every t >= j in the chunk
-            dv = tl.dot(tl.trans(scores), dnum, input_precision=VPREC) \
-                + tl.dot(fk, later_kv, input_precision=VPREC)
+            weights = tl.where(causal, tl.dot(qs, tl.trans(fk), input_precision=VPREC), 0.0)  # [query, key]
+            dv = _vdot(tl.trans(weights), gr, VPREC) + tl.dot(fk, later_kv, input_precision=VPREC)
             _store_rows(DV, n, rows, rd, T, D, sn, st, sd, dv)
             _store_rows(DK, n, rows, rd, T, D, sn, st, sd, _features_vjp(uk, fk, dfk, hp, beta))
             later_kv += dst_kv
