@@ -34,13 +34,15 @@ CAUSAL = ("causal_fwd_kernel", "causal_dq_kernel", "causal_dkv_kernel")
 
 def candidates(causal: bool) -> list[dict]:
     """Launch configurations to try: one option set applied to every kernel of a family, then programs per SM.
-    Few, since each costs a compile of every kernel of the family (seconds each) inside an 8-minute GPU check."""
+    Few, since each costs a compile of every kernel of the family (seconds each, in parallel: precompile)."""
     if causal:
         family = [{k: dict(num_warps=w, num_stages=1) for k in CAUSAL} for w in (4, 8)]
     else:
-        family = [{k: dict(BT=bt, num_warps=w, num_stages=st) for k in NONCAUSAL}
-                  for bt, w, st in ((64, 4, 1), (64, 8, 1), (32, 4, 1), (32, 8, 1), (64, 4, 2))]
-    return family + [{"programs_per_sm": per_sm} for per_sm in (2, 8)]
+        options = ((64, 4, 1, False), (64, 8, 1, False), (32, 4, 1, False), (32, 8, 1, False), (64, 4, 2, False),
+                   (64, 4, 1, True), (64, 4, 2, True))  # BT, num_warps, num_stages, walk (out and dkv kernels)
+        family = [{k: dict(BT=bt, num_warps=w, num_stages=st) | ({"walk": walk} if "walk" in launch.DEFAULTS[k] else {})
+                   for k in NONCAUSAL} for bt, w, st, walk in options]
+    return family + [{"programs_per_sm": per_sm} for per_sm in (2, 8, 16)]
 
 
 def run_once(q, k, v, planes, causal):
@@ -112,7 +114,7 @@ def label(config: dict) -> str:
         return "default"
     if "programs_per_sm" in config:
         return f"programs_per_sm={config['programs_per_sm']}"
-    opts = next(iter(config.values()))
+    opts = config.get("out_kernel") or next(iter(config.values()))
     return " ".join(f"{k}={v}" for k, v in opts.items())
 
 

@@ -179,12 +179,12 @@ def test_fused_follows_planes_changed_in_place():
 @CAUSAL
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("config", [
-    dict(BT=16, num_warps=8, num_stages=2, programs_per_sm=1),
-    dict(BT=32, num_warps=2, num_stages=1, programs_per_sm=16),
-], ids=["BT16-w8-s2-pps1", "BT32-w2-pps16"])
+    dict(BT=16, num_warps=8, num_stages=2, walk=True, programs_per_sm=1),
+    dict(BT=32, num_warps=2, num_stages=1, walk=False, programs_per_sm=16),
+], ids=["BT16-w8-s2-walk-pps1", "BT32-w2-pps16"])
 def test_fused_launch_options(check_close, causal, dtype, config):
     """Every launch option benchmarks/tune_kernels.py may choose computes the same RACE: other tiles, other
-    range lengths (programs per SM), warps and stages."""
+    range lengths (programs per SM), warps and stages, out_kernel and dkv_kernel walking ranges of tiles."""
     opts = {k: v for k, v in config.items() if k != "programs_per_sm"}
     overrides = {name: {k: v for k, v in opts.items() if k in defaults} for name, defaults in launch.DEFAULTS.items()}
     q, k, v = on_device(*qkv(1, 2, 200, 64, dtype=dtype))

@@ -128,6 +128,16 @@ def _ranges(T, N, device, unit, cap=None):
     return span, -(-T // span)
 
 
+def _tiles(T, N, device, meta):
+    """(span, ranges) of the kernels that need no per-range result (out_kernel, dkv_kernel): one tile per program,
+    or with the launch option walk, ranges as the range-walking kernels take them (the state loaded once per range,
+    not per tile). Turns meta's walk into the kernels' compile-time WALK."""
+    meta["WALK"] = meta.pop("walk")
+    if meta["WALK"]:
+        return _ranges(T, N, device, TILE)
+    return meta["BT"], triton.cdiv(T, meta["BT"])
+
+
 def _strides(x):
     return x.stride(0), x.stride(1), x.stride(2)
 
@@ -165,8 +175,9 @@ class _FusedRace(torch.autograd.Function):
             A, KV = (x.sum(1) for x in _state(k3, v3, h, span, n_ranges, beta, vprec))
             Z = KV if paper else KV / (A + eps).unsqueeze(-1)
             meta = h.meta(vprec, "out_kernel")
-            kernels.out_kernel[(triton.cdiv(T, meta["BT"]), N)](q3, o, *h.args(q.dtype), A, Z, T, D, h.S, beta, eps,
-                                                                *_strides(q3), *_strides(o), PAPER=paper, **meta)
+            span, n_ranges = _tiles(T, N, q.device, meta)
+            kernels.out_kernel[(n_ranges, N)](q3, o, *h.args(q.dtype), A, Z, T, D, h.S, span, beta, eps, *_strides(q3),
+                                              *_strides(o), PAPER=paper, **meta)
             ctx.save_for_backward(q3, k3, v3, A, Z)
         ctx.h, ctx.vprec, ctx.shape = h, vprec, (B, H, T, D)
         ctx.beta, ctx.causal, ctx.paper, ctx.eps = beta, causal, paper, eps
@@ -215,8 +226,8 @@ class _FusedRace(torch.autograd.Function):
                 a_eps = (A + eps).unsqueeze(-1)
                 dA, dKV = -(dZ * Z).sum(-1) / a_eps.squeeze(-1), dZ / a_eps
             meta = h.meta(vprec, "dkv_kernel")
-            kernels.dkv_kernel[(triton.cdiv(T, meta["BT"]), N)](k3, v3, dk, dv, *h.args(k3.dtype), dA, dKV, T, D, h.S,
-                                                                beta, *_strides(k3), *_strides(v3), *_strides(dk),
-                                                                **meta)
+            span, n_ranges = _tiles(T, N, q3.device, meta)
+            kernels.dkv_kernel[(n_ranges, N)](k3, v3, dk, dv, *h.args(k3.dtype), dA, dKV, T, D, h.S, span, beta,
+                                              *_strides(k3), *_strides(v3), *_strides(dk), **meta)
         shape = (B, H, T, D)
         return dq.view(shape), dk.view(shape), dv.view(shape), None, None, None, None, None

@@ -191,17 +191,29 @@ def state_kernel(K, V, W, WP, G, M, A_out, KV_out, T, D, S, span, beta, skn, skt
 # ----------------------------------------------------------------------------- non-causal
 
 
-@triton.jit(do_not_specialize=["T"])
-def out_kernel(Q, O, W, WP, G, M, A, Z, T, D, S, beta, eps, sqn, sqt, sqd, son, sot, sod,
-               PAPER: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, LPP: tl.constexpr,
-               VPREC: tl.constexpr):
+@triton.jit(do_not_specialize=["T", "span"])
+def out_kernel(Q, O, W, WP, G, M, A, Z, T, D, S, span, beta, eps, sqn, sqt, sqd, son, sot, sod,
+               PAPER: tl.constexpr, WALK: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
+               LPP: tl.constexpr, VPREC: tl.constexpr):
     """o = phi(q) Z, divided by phi(q) . A + eps for the paper normalization (Z = KV there, KV / (A + eps) for
-    the bucket one)."""
+    the bucket one), over tile p, or with WALK over range p (span tokens, the state loaded once). WALK is a
+    compile-time choice: a loop costs registers that one tile does not (compile_kernels.py)."""
     p, n = tl.program_id(0), tl.program_id(1)
-    rd, rs = tl.arange(0, BD), tl.arange(0, BS)
-    rows = p * BT + tl.arange(0, BT)
+    rd, rs, rt = tl.arange(0, BD), tl.arange(0, BS), tl.arange(0, BT)
     hp = _hash_params(W, WP, G, M, BD, BS, LPP)
     a, z = _load_state(A, Z, n, rs, rd, S, D)
+    if WALK:
+        for i in range(0, span, BT):
+            _out_rows(Q, O, n, p * span + i + rt, rd, rs, hp, a, z, T, D, S, beta, eps, sqn, sqt, sqd, son, sot, sod,
+                      PAPER, VPREC)
+    else:
+        _out_rows(Q, O, n, p * BT + rt, rd, rs, hp, a, z, T, D, S, beta, eps, sqn, sqt, sqd, son, sot, sod, PAPER,
+                  VPREC)
+
+
+@triton.jit
+def _out_rows(Q, O, n, rows, rd, rs, hp, a, z, T, D, S, beta, eps, sqn, sqt, sqd, son, sot, sod,
+              PAPER: tl.constexpr, VPREC: tl.constexpr):
     _, phi = _features(_load_rows(Q, n, rows, rd, T, D, sqn, sqt, sqd), hp, beta, rows < T, rs < S)
     o = tl.dot(phi, z, input_precision=VPREC)
     if PAPER:
@@ -240,16 +252,28 @@ def dq_kernel(Q, DO, DQ, W, WP, G, M, A, Z, dA_out, dZ_out, T, D, S, span, beta,
     _store_state(dA_out, dZ_out, n * tl.num_programs(0) + p, rs, rd, S, D, da, dz)
 
 
-@triton.jit(do_not_specialize=["T"])
-def dkv_kernel(K, V, DK, DV, W, WP, G, M, dA, dKV, T, D, S, beta, skn, skt, skd, svn, svt, svd,
-               sdn, sdt, sdd, BT: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, LPP: tl.constexpr,
-               VPREC: tl.constexpr):
-    """dk, dv of one tile from the state's gradient (dA [S], dKV [S, D]); dk, dv share strides."""
+@triton.jit(do_not_specialize=["T", "span"])
+def dkv_kernel(K, V, DK, DV, W, WP, G, M, dA, dKV, T, D, S, span, beta, skn, skt, skd, svn, svt, svd,
+               sdn, sdt, sdd, WALK: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
+               LPP: tl.constexpr, VPREC: tl.constexpr):
+    """dk, dv over tile p, or with WALK range p (as in out_kernel), from the state's gradient (dA [S],
+    dKV [S, D]); dk, dv share strides."""
     p, n = tl.program_id(0), tl.program_id(1)
-    rd, rs = tl.arange(0, BD), tl.arange(0, BS)
-    rows = p * BT + tl.arange(0, BT)
+    rd, rs, rt = tl.arange(0, BD), tl.arange(0, BS), tl.arange(0, BT)
     hp = _hash_params(W, WP, G, M, BD, BS, LPP)
     da, dkv = _load_state(dA, dKV, n, rs, rd, S, D)
+    if WALK:
+        for i in range(0, span, BT):
+            _dkv_rows(K, V, DK, DV, n, p * span + i + rt, rd, rs, hp, da, dkv, T, D, S, beta, skn, skt, skd, svn,
+                      svt, svd, sdn, sdt, sdd, VPREC)
+    else:
+        _dkv_rows(K, V, DK, DV, n, p * BT + rt, rd, rs, hp, da, dkv, T, D, S, beta, skn, skt, skd, svn, svt, svd,
+                  sdn, sdt, sdd, VPREC)
+
+
+@triton.jit
+def _dkv_rows(K, V, DK, DV, n, rows, rd, rs, hp, da, dkv, T, D, S, beta, skn, skt, skd, svn, svt, svd, sdn, sdt, sdd,
+              VPREC: tl.constexpr):
     v = _load_rows(V, n, rows, rd, T, D, svn, svt, svd)
     u, phi = _features(_load_rows(K, n, rows, rd, T, D, skn, skt, skd), hp, beta, rows < T, rs < S)
     dphi = da[None, :] + _vdot(v, tl.trans(dkv), VPREC)

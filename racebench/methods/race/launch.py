@@ -17,12 +17,13 @@ from racebench.errors import UsageError
 ENV = "RACEBENCH_KERNEL_CONFIG"
 TILES = (16, 32, 64)  # BT must divide the 64-token unit of the non-causal ranges (fused.TILE)
 # One stage and four warps: with these, every kernel compiles for sm_90 within its shared memory
-# (tests/test_kernels_compile.py); the causal kernels' chunk is fused.CHUNK, shared by all three.
+# (tests/test_kernels_compile.py); the causal kernels' chunk is fused.CHUNK, shared by all three. walk: out_kernel
+# and dkv_kernel take one tile per program (False) or walk ranges of tiles like the others (True).
 DEFAULTS = {
     "state_kernel": dict(BT=64, num_warps=4, num_stages=1),
-    "out_kernel": dict(BT=64, num_warps=4, num_stages=1),
+    "out_kernel": dict(BT=64, num_warps=4, num_stages=1, walk=False),
     "dq_kernel": dict(BT=64, num_warps=4, num_stages=1),
-    "dkv_kernel": dict(BT=64, num_warps=4, num_stages=1),
+    "dkv_kernel": dict(BT=64, num_warps=4, num_stages=1, walk=False),
     "causal_fwd_kernel": dict(num_warps=4, num_stages=1),
     "causal_dq_kernel": dict(num_warps=4, num_stages=1),
     "causal_dkv_kernel": dict(num_warps=4, num_stages=1),
@@ -46,7 +47,7 @@ def validate(config: dict) -> dict:
         if name not in DEFAULTS or not isinstance(opts, dict):
             raise UsageError(f"unknown kernel {name!r} in the launch configuration (known: {', '.join(DEFAULTS)})")
         for key, value in opts.items():
-            allowed = dict(BT=TILES, num_warps=(1, 2, 4, 8, 16), num_stages=(1, 2, 3, 4))
+            allowed = dict(BT=TILES, num_warps=(1, 2, 4, 8, 16), num_stages=(1, 2, 3, 4), walk=(False, True))
             if key not in DEFAULTS[name] or value not in allowed[key]:
                 raise UsageError(f"{name}: {key}={value!r} is not a launch option it takes "
                                  f"({', '.join(f'{k} in {allowed[k]}' for k in DEFAULTS[name])})")
@@ -71,7 +72,7 @@ def current() -> dict:
 
 
 def options(kernel: str) -> dict:
-    """Keyword arguments for launching `kernel`: its tile (BT, where it has one), num_warps and num_stages."""
+    """Launch options of `kernel`: its tile (BT, where it has one), num_warps, num_stages (and walk)."""
     return dict(current()[kernel])
 
 
