@@ -69,6 +69,23 @@ def test_sweep_runs_and_prints_thresholds(tmp_path):
 def test_env_prints_environment():
     result = runner.invoke(app, ["env"], env={"COLUMNS": "200"})
     assert result.exit_code == 0 and "torch" in result.output and "schema_version" in result.output
+    assert "dq_kernel: BT=64, num_warps=4, num_stages=1" in result.output  # the kernels' launch, one line each
+
+
+def test_env_with_a_kernel_configuration(tmp_path, monkeypatch):
+    from racebench.methods.race import launch
+
+    path = tmp_path / "launch.json"
+    path.write_text('{"dq_kernel": {"num_warps": 8}}')
+    monkeypatch.setattr(launch, "_active", None)
+    result = runner.invoke(app, ["env"], env={"COLUMNS": "200", launch.ENV: str(path)})
+    assert result.exit_code == 0 and "dq_kernel: BT=64, num_warps=8, num_stages=1" in result.output
+    path.write_text('{"dq_kernel": {"num_warps": 3}}')
+    monkeypatch.setattr(launch, "_active", None)
+    result = runner.invoke(app, ["env"], env={"COLUMNS": "200", launch.ENV: str(path)})
+    assert result.exit_code != 0 and "num_warps=3 is not a launch option" in result.output
+    assert "Traceback" not in result.output
+    monkeypatch.setattr(launch, "_active", None)  # later tests read the environment afresh
 
 
 def test_sweep_nproc_records_ranks(tmp_path):

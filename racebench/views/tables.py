@@ -42,5 +42,17 @@ def environment_table(env: dict) -> Table:
     table.add_column("key", style="bold")
     table.add_column("value")
     for key, value in env.items():
-        table.add_row(key, "-" if value is None else str(value))
+        table.add_row(key, _env_value(value))
     return table
+
+
+def _env_value(value, nested: bool = False) -> str:
+    """A value as one cell: a mapping one entry a line (the kernels' launch options: kernel: BT=64, ...), None as
+    '-'."""
+    if value is None:
+        return "-"
+    if isinstance(value, dict):
+        if nested:
+            return ", ".join(f"{k}={v}" for k, v in value.items())
+        return "\n".join(f"{k}: {_env_value(v, nested=True)}" for k, v in value.items())
+    return str(value)
