@@ -2,7 +2,6 @@
 
 import json
 
-import pandas as pd
 import pytest
 import torch
 
@@ -138,9 +137,12 @@ def test_existing_run_is_not_overwritten(tmp_path):
         run_sweep(s, tmp_path / "run")
 
 
-def test_environment_is_json_ready():
-    json.dumps(collect_environment())
-    assert isinstance(pd.DataFrame, type)
+def test_environment_is_json_ready(monkeypatch):
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")
+    env = json.loads(json.dumps(collect_environment()))
+    assert env["thp_mem_alloc_enable"] == "1"
+    assert env["transparent_hugepage"] in (None, "always", "madvise", "never")
+    assert env["race_kernel_launch"]["dq_kernel"]["BT"] in (16, 32, 64)
 
 
 def test_sequence_parallel_points(tmp_path):

@@ -45,6 +45,15 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _thp_mode() -> str | None:
+    """The kernel's transparent-huge-page mode ([madvise] of 'always [madvise] never'), None off Linux."""
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return None
+    return next((w.strip("[]") for w in text.split() if w.startswith("[")), text.strip())
+
+
 def collect_environment() -> dict:
     sha = _git("rev-parse", "HEAD")
     env = {
@@ -68,6 +77,9 @@ def collect_environment() -> dict:
         "platform": platform.platform(),
         "utc_time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        # Huge pages change CPU times a lot: fresh memory is mapped and zeroed 2 MiB at a time instead of 4 KiB.
+        "transparent_hugepage": _thp_mode(),
+        "thp_mem_alloc_enable": os.environ.get("THP_MEM_ALLOC_ENABLE"),
         # How race's Triton kernels were launched (the defaults, or RACEBENCH_KERNEL_CONFIG's file).
         "race_kernel_launch": launch.current(),
         "race_kernel_config_file": os.environ.get(launch.ENV),
