@@ -68,8 +68,9 @@ stage sweep-causal 50 "${SWEEP[@]}" --causal --methods race,flash --min-len 2^10
     --growth 4 --time-budget 15s --out "$OUT/causal-gpu"
 # Last among the measurements: native compiles of every tested variant take minutes; the smoke stage has
 # already compared the kernels with the PyTorch core at the sweeps' shapes.
-stage tests 100 "$PY" -m pytest -q "${XDIST[@]}" tests/test_race_triton.py \
-    tests/test_methods.py::test_method_on_cuda_matches_float64_reference
+# Every CUDA method first, then the kernels' tests in file order (the launch-option ones, each a new compile, last).
+stage tests 100 "$PY" -m pytest -q "${XDIST[@]}" \
+    tests/test_methods.py::test_method_on_cuda_matches_float64_reference tests/test_race_triton.py
 stage plots 20 "$PY" -m racebench plot "$OUT/paper-gpu-race" "$OUT/paper-gpu-others" --out "$OUT/plots/paper-gpu"
 stage plots-causal 10 "$PY" -m racebench plot "$OUT/causal-gpu" --out "$OUT/plots/causal-gpu"
 for run in paper-gpu-race paper-gpu-others causal-gpu; do
