@@ -83,9 +83,11 @@ def measure(config: dict, q, k, v, planes, causal, reference, repeats: int) -> d
             sync()
     kernels = {}
     for evt in prof.key_averages():
-        name = evt.key.split("(")[0].strip()
-        if name in NONCAUSAL + CAUSAL:
-            kernels[name] = getattr(evt, "device_time_total", getattr(evt, "cuda_time_total", 0.0)) / 1e3 / repeats
+        # A Triton kernel shows under its function's name (older Triton versions append a signature).
+        name = next((k for k in NONCAUSAL + CAUSAL if evt.key.startswith(k)), None)
+        if name is not None:
+            us = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0.0)
+            kernels[name] = kernels.get(name, 0.0) + us / 1e3 / repeats
     return dict(total_ms=total, kernels_ms=kernels, error=None, max_rel_error=error)
 
 
