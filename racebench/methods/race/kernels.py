@@ -202,23 +202,13 @@ def out_kernel(Q, O, W, WP, G, M, A, Z, T, D, S, span, beta, eps, sqn, sqt, sqd,
     rd, rs, rt = tl.arange(0, BD), tl.arange(0, BS), tl.arange(0, BT)
     hp = _hash_params(W, WP, G, M, BD, BS, LPP)
     a, z = _load_state(A, Z, n, rs, rd, S, D)
-    if WALK:
-        for i in range(0, span, BT):
-            _out_rows(Q, O, n, p * span + i + rt, rd, rs, hp, a, z, T, D, S, beta, eps, sqn, sqt, sqd, son, sot, sod,
-                      PAPER, VPREC)
-    else:
-        _out_rows(Q, O, n, p * BT + rt, rd, rs, hp, a, z, T, D, S, beta, eps, sqn, sqt, sqd, son, sot, sod, PAPER,
-                  VPREC)
-
-
-@triton.jit
-def _out_rows(Q, O, n, rows, rd, rs, hp, a, z, T, D, S, beta, eps, sqn, sqt, sqd, son, sot, sod,
-              PAPER: tl.constexpr, VPREC: tl.constexpr):
-    _, phi = _features(_load_rows(Q, n, rows, rd, T, D, sqn, sqt, sqd), hp, beta, rows < T, rs < S)
-    o = tl.dot(phi, z, input_precision=VPREC)
-    if PAPER:
-        o = o / (tl.sum(phi * a[None, :], 1) + eps)[:, None]
-    _store_rows(O, n, rows, rd, T, D, son, sot, sod, o)
+    for i in range(0, span if WALK else BT, BT):  # without WALK a constant single trip: no loop is compiled
+        rows = p * span + i + rt  # span = BT without WALK
+        _, phi = _features(_load_rows(Q, n, rows, rd, T, D, sqn, sqt, sqd), hp, beta, rows < T, rs < S)
+        o = tl.dot(phi, z, input_precision=VPREC)
+        if PAPER:
+            o = o / (tl.sum(phi * a[None, :], 1) + eps)[:, None]
+        _store_rows(O, n, rows, rd, T, D, son, sot, sod, o)
 
 
 @triton.jit(do_not_specialize=["T", "span"])
@@ -262,23 +252,13 @@ def dkv_kernel(K, V, DK, DV, W, WP, G, M, dA, dKV, T, D, S, span, beta, skn, skt
     rd, rs, rt = tl.arange(0, BD), tl.arange(0, BS), tl.arange(0, BT)
     hp = _hash_params(W, WP, G, M, BD, BS, LPP)
     da, dkv = _load_state(dA, dKV, n, rs, rd, S, D)
-    if WALK:
-        for i in range(0, span, BT):
-            _dkv_rows(K, V, DK, DV, n, p * span + i + rt, rd, rs, hp, da, dkv, T, D, S, beta, skn, skt, skd, svn,
-                      svt, svd, sdn, sdt, sdd, VPREC)
-    else:
-        _dkv_rows(K, V, DK, DV, n, p * BT + rt, rd, rs, hp, da, dkv, T, D, S, beta, skn, skt, skd, svn, svt, svd,
-                  sdn, sdt, sdd, VPREC)
-
-
-@triton.jit
-def _dkv_rows(K, V, DK, DV, n, rows, rd, rs, hp, da, dkv, T, D, S, beta, skn, skt, skd, svn, svt, svd, sdn, sdt, sdd,
-              VPREC: tl.constexpr):
-    v = _load_rows(V, n, rows, rd, T, D, svn, svt, svd)
-    u, phi = _features(_load_rows(K, n, rows, rd, T, D, skn, skt, skd), hp, beta, rows < T, rs < S)
-    dphi = da[None, :] + _vdot(v, tl.trans(dkv), VPREC)
-    _store_rows(DV, n, rows, rd, T, D, sdn, sdt, sdd, tl.dot(phi, dkv, input_precision=VPREC))
-    _store_rows(DK, n, rows, rd, T, D, sdn, sdt, sdd, _features_vjp(u, phi, dphi, hp, beta))
+    for i in range(0, span if WALK else BT, BT):  # as in out_kernel
+        rows = p * span + i + rt
+        v = _load_rows(V, n, rows, rd, T, D, svn, svt, svd)
+        u, phi = _features(_load_rows(K, n, rows, rd, T, D, skn, skt, skd), hp, beta, rows < T, rs < S)
+        dphi = da[None, :] + _vdot(v, tl.trans(dkv), VPREC)
+        _store_rows(DV, n, rows, rd, T, D, sdn, sdt, sdd, tl.dot(phi, dkv, input_precision=VPREC))
+        _store_rows(DK, n, rows, rd, T, D, sdn, sdt, sdd, _features_vjp(u, phi, dphi, hp, beta))
 
 
 # ----------------------------------------------------------------------------- causal
