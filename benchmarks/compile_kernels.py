@@ -68,8 +68,6 @@ def compile_one(name: str, io_type: str, paper: bool) -> dict:
     fn = getattr(kernels, name)
     # The sizes, precision and launch options the launcher uses for the swept shape, taken from it.
     meta = _Hash(make_planes(DEFAULT_L, DEFAULT_P, D), D, "cpu").meta(_vprec(DTYPES[io_type]), name)
-    if "walk" in meta:
-        meta["WALK"] = meta.pop("walk")
     consts = {k: v for k, v in meta.items() if k in fn.arg_names}
     consts.update({"PAPER": paper} if "PAPER" in fn.arg_names else {})
     consts.update({"C": CHUNK} if "C" in fn.arg_names else {})

@@ -39,8 +39,8 @@ def candidates(causal: bool) -> list[dict]:
         family = [{k: dict(num_warps=w, num_stages=1) for k in CAUSAL} for w in (4, 8)]
     else:
         options = ((64, 4, 1, False), (64, 8, 1, False), (32, 4, 1, False), (32, 8, 1, False), (64, 4, 2, False),
-                   (64, 4, 1, True), (64, 4, 2, True))  # BT, num_warps, num_stages, walk (out and dkv kernels)
-        family = [{k: dict(BT=bt, num_warps=w, num_stages=st) | ({"walk": walk} if "walk" in launch.DEFAULTS[k] else {})
+                   (64, 4, 1, True), (64, 4, 2, True))  # BT, num_warps, num_stages, WALK (out and dkv kernels)
+        family = [{k: dict(BT=bt, num_warps=w, num_stages=st) | ({"WALK": walk} if "WALK" in launch.DEFAULTS[k] else {})
                    for k in NONCAUSAL} for bt, w, st, walk in options]
     return family + [{"programs_per_sm": per_sm} for per_sm in (2, 8, 16)]
 

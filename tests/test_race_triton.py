@@ -179,8 +179,8 @@ def test_fused_follows_planes_changed_in_place():
 @CAUSAL
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("config", [
-    dict(BT=16, num_warps=8, num_stages=2, walk=True, programs_per_sm=1),
-    dict(BT=32, num_warps=2, num_stages=1, walk=False, programs_per_sm=16),
+    dict(BT=16, num_warps=8, num_stages=2, WALK=True, programs_per_sm=1),
+    dict(BT=32, num_warps=2, num_stages=1, WALK=False, programs_per_sm=16),
 ], ids=["BT16-w8-s2-walk-pps1", "BT32-w2-pps16"])
 def test_fused_launch_options(check_close, causal, dtype, config):
     """Every launch option benchmarks/tune_kernels.py may choose computes the same RACE: other tiles, other

@@ -130,9 +130,8 @@ def _ranges(T, N, device, unit, cap=None):
 
 def _tiles(T, N, device, meta):
     """(span, ranges) of the kernels that need no per-range result (out_kernel, dkv_kernel): one tile per program,
-    or with the launch option walk, ranges as the range-walking kernels take them (the state loaded once per range,
-    not per tile). Turns meta's walk into the kernels' compile-time WALK."""
-    meta["WALK"] = meta.pop("walk")
+    or with the launch option WALK, ranges as the range-walking kernels take them (the state loaded once per range,
+    not per tile)."""
     if meta["WALK"]:
         return _ranges(T, N, device, TILE)
     return meta["BT"], triton.cdiv(T, meta["BT"])

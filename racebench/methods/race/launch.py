@@ -17,19 +17,21 @@ from racebench.errors import UsageError
 ENV = "RACEBENCH_KERNEL_CONFIG"
 TILES = (16, 32, 64)  # BT must divide the 64-token unit of the non-causal ranges (fused.TILE)
 # One stage and four warps: with these, every kernel compiles for sm_90 within its shared memory
-# (tests/test_kernels_compile.py); the causal kernels' chunk is fused.CHUNK, shared by all three. walk: out_kernel
-# and dkv_kernel take one tile per program (False) or walk ranges of tiles like the others (True).
+# (tests/test_kernels_compile.py); the causal kernels' chunk is fused.CHUNK, shared by all three. BT and WALK are
+# the kernels' compile-time arguments of those names; WALK: out_kernel and dkv_kernel take one tile per program
+# (False) or walk ranges of tiles like the others (True).
 DEFAULTS = {
     "state_kernel": dict(BT=64, num_warps=4, num_stages=1),
-    "out_kernel": dict(BT=64, num_warps=4, num_stages=1, walk=False),
+    "out_kernel": dict(BT=64, num_warps=4, num_stages=1, WALK=False),
     "dq_kernel": dict(BT=64, num_warps=4, num_stages=1),
-    "dkv_kernel": dict(BT=64, num_warps=4, num_stages=1, walk=False),
+    "dkv_kernel": dict(BT=64, num_warps=4, num_stages=1, WALK=False),
     "causal_fwd_kernel": dict(num_warps=4, num_stages=1),
     "causal_dq_kernel": dict(num_warps=4, num_stages=1),
     "causal_dkv_kernel": dict(num_warps=4, num_stages=1),
 }
 # Programs per streaming multiprocessor that the range-walking kernels aim for (fused._programs).
 PROGRAMS_PER_SM = 4
+ALLOWED = dict(BT=TILES, num_warps=(1, 2, 4, 8, 16), num_stages=(1, 2, 3, 4), WALK=(False, True))
 
 _active: dict | None = None
 
@@ -47,10 +49,9 @@ def validate(config: dict) -> dict:
         if name not in DEFAULTS or not isinstance(opts, dict):
             raise UsageError(f"unknown kernel {name!r} in the launch configuration (known: {', '.join(DEFAULTS)})")
         for key, value in opts.items():
-            allowed = dict(BT=TILES, num_warps=(1, 2, 4, 8, 16), num_stages=(1, 2, 3, 4), walk=(False, True))
-            if key not in DEFAULTS[name] or value not in allowed[key]:
+            if key not in DEFAULTS[name] or value not in ALLOWED[key]:
                 raise UsageError(f"{name}: {key}={value!r} is not a launch option it takes "
-                                 f"({', '.join(f'{k} in {allowed[k]}' for k in DEFAULTS[name])})")
+                                 f"({', '.join(f'{k} in {ALLOWED[k]}' for k in DEFAULTS[name])})")
         merged[name].update(opts)
     return merged
 
@@ -72,7 +73,7 @@ def current() -> dict:
 
 
 def options(kernel: str) -> dict:
-    """Launch options of `kernel`: its tile (BT, where it has one), num_warps, num_stages (and walk)."""
+    """Launch options of `kernel`: its tile (BT, where it has one), num_warps, num_stages (and WALK)."""
     return dict(current()[kernel])
 
 
