@@ -102,7 +102,7 @@ def best_config(rows: list[dict], max_error: float) -> dict:
     # Programs per SM is one setting for every kernel: the one with the least time over both families.
     totals = {}
     for row in ok:
-        per_sm = row["config"].get("programs_per_sm", launch.PROGRAMS_PER_SM if row["label"] == "default" else None)
+        per_sm = row["config"].get("programs_per_sm", None if row["config"] else launch.PROGRAMS_PER_SM)
         if per_sm is not None:
             totals.setdefault(per_sm, {})[row["causal"]] = row["result"]["total_ms"]
     complete = {per_sm: sum(t.values()) for per_sm, t in totals.items() if len(t) == 2}
