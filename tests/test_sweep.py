@@ -30,6 +30,7 @@ def test_ok_points_and_results_schema(tmp_path):
     assert (race.time_ms > 0).all() and (race.time_ms_min <= race.time_ms).all()
     assert (race.time_ms <= race.time_ms_max).all() and (race.repeats == 2).all()
     assert (race.peak_mem_bytes > 0).all() and (race.floor_bytes == 7 * race["T"] * 16 * 4).all()
+    assert (race.page_faults_per_pass >= 0).all()  # counted on CPU (None on CUDA)
     assert (race.race_P == 3).all() and (race.race_normalize == "paper").all()
     assert list(df[df.method == "linformer"].status) == ["unsupported"] * 2
     assert "no causal variant" in df[df.method == "linformer"].error.iloc[0]
@@ -139,8 +140,9 @@ def test_existing_run_is_not_overwritten(tmp_path):
 
 def test_environment_is_json_ready(monkeypatch):
     monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")
+    monkeypatch.setenv("MALLOC_CONF", "dirty_decay_ms:-1")
     env = json.loads(json.dumps(collect_environment()))
-    assert env["thp_mem_alloc_enable"] == "1"
+    assert env["thp_mem_alloc_enable"] == "1" and env["malloc_conf"] == "dirty_decay_ms:-1"
     assert env["transparent_hugepage"] in (None, "always", "madvise", "never")
     assert env["race_kernel_launch"]["dq_kernel"]["BT"] in (16, 32, 64)
 
@@ -155,6 +157,7 @@ def test_sequence_parallel_points(tmp_path):
     # Bytes per step depend on H, S and D only, never on T: the state is what crosses between ranks.
     assert race.comm_bytes_per_step.nunique() == 1 and race.comm_bytes_per_step.iloc[0] > 0
     assert all(len(json.loads(x)) == 2 for x in race.rank_peak_mem_bytes)
+    assert (race.page_faults_per_pass >= 0).all()
     linear = df[df.method == "linear"]
     assert linear.status.tolist() == ["unsupported"] * 2 and "only race" in linear.error.iloc[0]
 
@@ -191,3 +194,32 @@ def test_cuda_points_spawn_and_cpu_points_fork_from_a_server():
     failed with "Cannot re-initialize CUDA in forked subprocess"), so CUDA points start fresh interpreters."""
     assert runner._context("cuda").get_start_method() == "spawn"
     assert runner._context("cpu").get_start_method() == "forkserver"
+
+
+_TIMING_ALLOCATOR = """
+import resource, torch
+from racebench.bench.memory import CpuMemory
+mem = CpuMemory(2**30)
+mem.cap()
+mem.settle_for_timing()
+for mib in (1, 16, 64, 256):
+    faults = []
+    for _ in range(3):
+        before = mem.faults()
+        torch.ones(mib * 2**18)  # filled, then freed
+        faults.append(mem.faults() - before)
+    print(mib, min(faults[1:]))
+"""
+
+
+def test_timed_passes_allocate_like_a_pytorch_process():
+    """Blocks up to 32 MiB are reused from the heap; larger tensors are fresh memory on every allocation, as
+    in a long-running PyTorch process with glibc's defaults (so a timed pass pays for its outputs' pages)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _TIMING_ALLOCATOR], capture_output=True, text=True, check=True)
+    faults = {int(a): int(b) for a, b in (line.split() for line in out.stdout.splitlines())}
+    pages = {mib: mib * 2**20 // 4096 for mib in faults}
+    assert faults[1] < 16 and faults[16] < pages[16] // 10
+    assert faults[64] >= 0.9 * pages[64] and faults[256] >= 0.9 * pages[256]

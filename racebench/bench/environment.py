@@ -80,6 +80,9 @@ def collect_environment() -> dict:
         # Huge pages change CPU times a lot: fresh memory is mapped and zeroed 2 MiB at a time instead of 4 KiB.
         "transparent_hugepage": _thp_mode(),
         "thp_mem_alloc_enable": os.environ.get("THP_MEM_ALLOC_ENABLE"),
+        # A preloaded allocator (jemalloc, tcmalloc) reuses what glibc maps fresh: CPU times of large passes move.
+        "ld_preload": os.environ.get("LD_PRELOAD"),
+        "malloc_conf": os.environ.get("MALLOC_CONF"),
         # How race's Triton kernels were launched (the defaults, or RACEBENCH_KERNEL_CONFIG's file).
         "race_kernel_launch": launch.current(),
         "race_kernel_config_file": os.environ.get(launch.ENV),

@@ -10,7 +10,7 @@ import torch
 
 # Thread stacks and allocator arenas are address space too: the cap leaves this much above the budget.
 _AS_HEADROOM = 256 * 2**20
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -3, -4, -8
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
 
 
 def _mallopt(*settings: tuple[int, int]) -> None:
@@ -57,17 +57,24 @@ class CpuMemory:
     def sync(self) -> None:
         pass
 
-    def cache_for_timing(self) -> None:
-        """From now on keep freed memory for reuse, as a caching allocator (or jemalloc/tcmalloc, which
-        PyTorch's CPU tuning guide recommends) would: timed passes then measure steady-state work, not the
-        kernel zeroing fresh pages for every output (2-4x slower than reuse on a VM). Same for every method.
-
-        Whether the point fits its budget was settled by the passes before, under the strict cap; a cache
-        fragments, so the timed passes get a quarter of the budget more address space."""
-        _mallopt((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1))
+    def settle_for_timing(self) -> None:
+        """From now on allocate as glibc does in a long-running PyTorch process: blocks up to 32 MiB come back
+        from the heap, larger ones are fresh mappings each time, returned at once when freed. (Defaults that glibc
+        adjusts at run time: its mmap threshold rises to the largest freed mapping, up to 32 MiB, and the trim
+        threshold to twice that.) So a timed pass pays, like a training step on default PyTorch, for the kernel
+        mapping and zeroing the pages of its large outputs; page_faults_per_pass in each row says how many.
+        A heap that kept everything instead would grow with fragmentation (twice the live set seen at 2^19
+        tokens) past the budget the passes before were held to. Same for every method."""
+        _mallopt((_M_MMAP_THRESHOLD, 32 * 2**20), (_M_TRIM_THRESHOLD, 64 * 2**20))
+        # Whether the point fits its budget was settled under the strict cap; a heap of reused blocks fragments,
+        # so the timed passes get a quarter of the budget more address space (not memory: mappings return).
         soft, hard = resource.getrlimit(resource.RLIMIT_AS)
         if soft != resource.RLIM_INFINITY:
             resource.setrlimit(resource.RLIMIT_AS, (soft + self.budget // 4, hard))
+
+    def faults(self) -> int | None:
+        """Minor page faults of this process so far: first touches of fresh memory."""
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 class CudaMemory:
@@ -94,8 +101,11 @@ class CudaMemory:
     def sync(self) -> None:
         torch.cuda.synchronize()
 
-    def cache_for_timing(self) -> None:
-        pass  # the CUDA caching allocator already reuses memory
+    def settle_for_timing(self) -> None:
+        pass  # the CUDA caching allocator reuses memory, as in any PyTorch process on a GPU
+
+    def faults(self) -> int | None:
+        return None  # device memory has no page faults to count
 
 
 def for_device(device: str, budget: int):

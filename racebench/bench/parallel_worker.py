@@ -72,6 +72,7 @@ def _merge(spec, method, T, rows, ranks) -> dict:
     rows.sort(key=lambda r: r["rank"])
     times = [max(ts) for ts in zip(*(r["times_ms"] for r in rows))]  # a step ends when its slowest rank does
     median = statistics.median(times)
+    faults = [r.get("page_faults_per_pass") for r in rows]
     return base | dict(
         status="ok", time_ms=median, time_ms_min=times[0], time_ms_max=times[-1], repeats=len(times),
         tokens_per_s=spec.B * T / (median / 1e3), threads=rows[0].get("threads"),
@@ -79,6 +80,7 @@ def _merge(spec, method, T, rows, ranks) -> dict:
         peak_mem_over_inputs_bytes=sum(r["peak_mem_over_inputs_bytes"] for r in rows),
         rank_peak_mem_bytes=json.dumps([r["peak_mem_bytes"] for r in rows]),
         comm_bytes_per_step=max(r["comm_bytes_per_step"] for r in rows),
+        page_faults_per_pass=None if None in faults else sum(faults),  # all ranks' together
     )
 
 

@@ -2,7 +2,8 @@
 
 Inputs are made and the method built before any clock; a first warm-up pass checks the numbers; peak memory
 is taken in a pass of its own; then the remaining warm-up passes and the timed passes, synchronized on CUDA.
-On CPU the allocator keeps freed memory for reuse from the timed passes on (memory.py, cache_for_timing).
+On CPU the timed passes allocate as a long-running PyTorch process does (memory.py, settle_for_timing), and
+count the page faults they take.
 Any failure becomes a status, never an exception that escapes the child.
 """
 
@@ -161,10 +162,12 @@ def measure(spec: SweepSpec, row: dict, T: int, build, start: float, *, seed: in
         peak, sent = mem.peak(), counter() - sent
         del out
 
-        mem.cache_for_timing()
+        mem.settle_for_timing()
         for _ in range(warm):
             run()
+        faults = mem.faults()
         times = [run()[0] for _ in range(spec.repeats)]
+        faults = None if faults is None else (mem.faults() - faults) // spec.repeats
     except Exception as exc:  # every failure is data
         if memory.is_oom(exc):
             return row | dict(status="oom", error=str(exc).splitlines()[0][:300])
@@ -179,7 +182,7 @@ def measure(spec: SweepSpec, row: dict, T: int, build, start: float, *, seed: in
         time_ms=median * 1e3, time_ms_min=min(times) * 1e3, time_ms_max=max(times) * 1e3,
         repeats=len(times), tokens_per_s=spec.B * row["T"] / median, times_ms=[t * 1e3 for t in times],
         peak_mem_bytes=peak - before_inputs, peak_mem_over_inputs_bytes=peak - with_inputs,
-        comm_bytes_per_step=sent,
+        comm_bytes_per_step=sent, page_faults_per_pass=faults,
     )
 
 

@@ -17,7 +17,8 @@ REQUIRED_COLUMNS = ("method", "device", "dtype", "B", "H", "T", "D", "causal", "
 COLUMNS = ("run_id", "method", "impl", "race_P", "race_L", "race_beta", "race_M", "race_normalize", "device",
            "dtype", "B", "H", "T", "D", "causal", "mode", "status", "time_ms", "time_ms_min", "time_ms_max",
            "repeats", "tokens_per_s", "peak_mem_bytes", "peak_mem_over_inputs_bytes", "input_bytes",
-           "floor_bytes", "nproc", "comm_bytes_per_step", "rank_peak_mem_bytes", "refine", "threads", "error")
+           "floor_bytes", "page_faults_per_pass", "nproc", "comm_bytes_per_step", "rank_peak_mem_bytes", "refine",
+           "threads", "error")
 
 
 @dataclass
