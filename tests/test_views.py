@@ -2,6 +2,7 @@
 
 import json
 
+import matplotlib.legend
 import pytest
 from typer.testing import CliRunner
 
@@ -59,7 +60,9 @@ def test_figures_are_labelled_and_mark_thresholds(run_dir):
     assert any(t.startswith("flash") and "T^2.00" in t for t in legend)
     marks = [line.get_gid() for line in ax.lines if line.get_gid()]
     assert "threshold:flash:time-out" in marks
-    assert any(t.get_text() == "time-out" for t in ax.texts)
+    legends = [c for c in ax.get_children() if isinstance(c, matplotlib.legend.Legend)]
+    assert len(legends) == 2  # the methods, and what the threshold markers mean
+    assert "time-out (first pass)" in [t.get_text() for t in ax.get_legend().get_texts()]
     mem = figs["memory"].axes[0]
     gids = {line.get_gid() for line in mem.lines}
     assert "floor" in gids and "budget:cpu" in gids

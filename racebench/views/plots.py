@@ -10,12 +10,18 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.colors import to_rgba  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 
 from racebench.bench.units import format_bytes, format_length  # noqa: E402
 from racebench.results.summary import thresholds  # noqa: E402
 
 FORMATS = ("png", "svg", "pdf")
 _CAUSE_MARKER = {"OOM": "X", "time-out": "v", "time-out (predicted)": "v"}
+# What each threshold marker means, told once in a legend of its own: text beside every marker collided where
+# several methods stop at the same length.
+_CAUSE_LEGEND = {"time-out": "time-out (first pass)", "time-out (predicted)": "time-out (predicted, faint)",
+                 "OOM": "out of memory"}
 
 
 def growth_exponent(ok: pd.DataFrame) -> float | None:
@@ -42,6 +48,12 @@ def _threshold_y(g: pd.DataFrame, T: int, ok: pd.DataFrame) -> float:
         if col in row and pd.notna(row[col]):
             return row[col] / 1e3
     return ok["time_ms"].iloc[-1] / 1e3
+
+
+def _threshold_style(cause: str, color) -> dict:
+    """An open marker in the method's colour; a predicted time-out (never run) faintly filled."""
+    face = to_rgba(color, 0.25) if cause == "time-out (predicted)" else "none"
+    return dict(marker=_CAUSE_MARKER[cause], ms=11, color=color, mfc=face, mew=2)
 
 
 def _label(row_key: tuple, several_devices: bool) -> str:
@@ -73,6 +85,7 @@ def time_figure(df: pd.DataFrame):
     several = df.device.nunique() > 1
     th = thresholds(df).set_index(["method", "device"])
     colors = _colors(df)
+    causes = set()
     for key, g in df.groupby(["method", "device"], sort=False):
         ok = g[g.status == "ok"].sort_values("T")
         if ok.empty:
@@ -83,13 +96,17 @@ def time_figure(df: pd.DataFrame):
         t = th.loc[key] if key in th.index else None
         if t is not None and isinstance(t.get("cause"), str) and t.cause in _CAUSE_MARKER and pd.notna(t.fail_T):
             y = _threshold_y(g, t.fail_T, ok)
-            ax.plot([t.fail_T], [y], marker=_CAUSE_MARKER[t.cause], ms=11, color=colors[key], ls="none",
-                    mfc="none", mew=2, gid=f"threshold:{key[0]}:{t.cause}")
-            ax.annotate(t.cause, (t.fail_T, y), textcoords="offset points", xytext=(7, -3), fontsize=7,
-                        color=colors[key])
+            ax.plot([t.fail_T], [y], ls="none", gid=f"threshold:{key[0]}:{t.cause}",
+                    **_threshold_style(t.cause, colors[key]))
+            causes.add(t.cause)
     ax.set_ylabel("time per forward+backward pass (s)" if "fwd+bwd" in set(df["mode"]) else "time per pass (s)")
     ax.set_title(_title("Time against context length", df))
-    ax.legend(fontsize=8, loc="upper left")
+    ax.add_artist(ax.legend(fontsize=8, loc="upper left"))
+    if causes:
+        marks = [Line2D([], [], ls="none", **_threshold_style(c, "0.3")) for c in _CAUSE_LEGEND
+                 if c in causes]
+        ax.legend(marks, [_CAUSE_LEGEND[c] for c in _CAUSE_LEGEND if c in causes], fontsize=8, loc="lower right",
+                  title="first length not done", title_fontsize=8)
     _style(ax)
     return fig
 
