@@ -55,14 +55,12 @@ def test_figures_are_labelled_and_mark_thresholds(run_dir):
     assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
     assert "context length" in ax.get_xlabel() and "time" in ax.get_ylabel()
     assert "cpu" in ax.get_title() and "B=1" in ax.get_title() and "non-causal" in ax.get_title()
-    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    methods, marks = (c for c in ax.get_children() if isinstance(c, matplotlib.legend.Legend))
+    legend = [t.get_text() for t in methods.get_texts()]
     assert any(t.startswith("race") and "T^1.00" in t for t in legend)
     assert any(t.startswith("flash") and "T^2.00" in t for t in legend)
-    marks = [line.get_gid() for line in ax.lines if line.get_gid()]
-    assert "threshold:flash:time-out" in marks
-    legends = [c for c in ax.get_children() if isinstance(c, matplotlib.legend.Legend)]
-    assert len(legends) == 2  # the methods, and what the threshold markers mean
-    assert "time-out (first pass)" in [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "threshold:flash:time-out" in [line.get_gid() for line in ax.lines if line.get_gid()]
+    assert "time-out (first pass)" in [t.get_text() for t in marks.get_texts()]  # what the markers mean
     mem = figs["memory"].axes[0]
     gids = {line.get_gid() for line in mem.lines}
     assert "floor" in gids and "budget:cpu" in gids
@@ -81,6 +79,10 @@ def test_plot_two_runs_share_a_figure(run_dir, tmp_path):
     result = runner.invoke(app, ["plot", str(run_dir), str(other), "--out", str(tmp_path / "p")], env=ENV)
     assert result.exit_code == 0, result.output
     assert (tmp_path / "p" / "time.png").stat().st_size > 0
+    ax = make_figures([load_run(run_dir), load_run(other)])["time"].axes[0]
+    assert "2 devices or runs" in ax.get_title() and "cpu:base" not in ax.get_title()
+    methods = next(c for c in ax.get_children() if isinstance(c, matplotlib.legend.Legend))
+    assert "race (cpu:other)" in [t.get_text().split("  ")[0] for t in methods.get_texts()]
 
 
 def test_report_markdown(run_dir, tmp_path):

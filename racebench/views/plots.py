@@ -68,6 +68,8 @@ def _title(what: str, df: pd.DataFrame) -> str:
         values = sorted({str(v) for v in df[col].dropna()})
         if col == "causal":
             values = ["causal" if v == "True" else "non-causal" for v in values]
+        if col == "device" and len(values) > 1:  # named in the legend; run ids would overflow the title
+            values = [f"{len(values)} devices or runs"]
         parts.append(fmt.format("/".join(values)))
     return f"{what}\n" + ", ".join(parts)
 
