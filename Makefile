@@ -10,7 +10,7 @@ TORCH ?= torch==2.13.0
 PIP_FLAGS ?= -q --disable-pip-version-check
 BIN := $(VENV)/bin
 
-.PHONY: install run test lint bench-race gpu-check clean
+.PHONY: install run test lint bench-race bench-race-alloc gpu-check clean
 
 install:
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,17 @@ bench-race: install
 		--memory-budget 8GiB --refine 0.05 --out results/bench-race-causal-$(STAMP)
 	$(BENCH) --methods race --min-len 2^16 --max-len 2^20 --time-budget 5m --memory-budget 4GiB --refine 0.02 \
 		--out results/bench-race-threshold-$(STAMP)
+
+# race against race-paper with glibc (the engine's default) and with a jemalloc that reuses freed memory
+# (apt-get install libjemalloc2): how much of the difference is fresh memory (benchmarks/README.md).
+JEMALLOC ?= /usr/lib/x86_64-linux-gnu/libjemalloc.so.2
+JEMALLOC_CONF := MALLOC_CONF=oversize_threshold:1,background_thread:true,metadata_thp:auto,dirty_decay_ms:-1,muzzy_decay_ms:-1
+ALLOC_BENCH := $(BIN)/racebench sweep --methods race,race-paper --lengths 2^18,2^19 --warmup 2 --repeats 3 \
+	--race-P 3 --race-L 3 --time-budget 3m
+bench-race-alloc: install
+	@test -f $(JEMALLOC) || { echo "no jemalloc at $(JEMALLOC): apt-get install libjemalloc2, or JEMALLOC=path"; exit 2; }
+	$(ALLOC_BENCH) --out results/bench-race-glibc-$(STAMP)
+	LD_PRELOAD=$(JEMALLOC) $(JEMALLOC_CONF) $(ALLOC_BENCH) --out results/bench-race-jemalloc-$(STAMP)
 
 # Every GPU check and timing in about 8 minutes, with the machine's own python (nothing installed): the native
 # GPU tests, ceilings, paper-protocol and causal sweeps, plots, reports, targets; all under $(OUT).
