@@ -1,6 +1,7 @@
 """The sweep engine at tiny sizes: statuses, isolation, budgets, resume, the results schema."""
 
 import json
+import platform
 
 import pytest
 import torch
@@ -212,6 +213,7 @@ for mib in (1, 16, 64, 256):
 """
 
 
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the timing allocator's settings are glibc's")
 def test_timed_passes_allocate_like_a_pytorch_process():
     """Blocks up to 32 MiB are reused from the heap; larger tensors are fresh memory on every allocation, as
     in a long-running PyTorch process with glibc's defaults (so a timed pass pays for its outputs' pages)."""
