@@ -165,9 +165,9 @@ def measure(spec: SweepSpec, row: dict, T: int, build, start: float, *, seed: in
         mem.settle_for_timing()
         for _ in range(warm):
             run()
-        faults = mem.faults()
+        faults_before = mem.faults()
         times = [run()[0] for _ in range(spec.repeats)]
-        faults = None if faults is None else (mem.faults() - faults) // spec.repeats
+        faults = None if faults_before is None else (mem.faults() - faults_before) // spec.repeats
     except Exception as exc:  # every failure is data
         if memory.is_oom(exc):
             return row | dict(status="oom", error=str(exc).splitlines()[0][:300])

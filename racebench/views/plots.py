@@ -104,10 +104,9 @@ def time_figure(df: pd.DataFrame):
     ax.set_ylabel("time per forward+backward pass (s)" if "fwd+bwd" in set(df["mode"]) else "time per pass (s)")
     ax.set_title(_title("Time against context length", df))
     ax.add_artist(ax.legend(fontsize=8, loc="upper left"))
-    if causes:
-        marks = [Line2D([], [], ls="none", **_threshold_style(c, "0.3")) for c in _CAUSE_LEGEND
-                 if c in causes]
-        ax.legend(marks, [_CAUSE_LEGEND[c] for c in _CAUSE_LEGEND if c in causes], fontsize=8, loc="lower right",
+    if shown := [c for c in _CAUSE_LEGEND if c in causes]:
+        marks = [Line2D([], [], ls="none", **_threshold_style(c, "0.3")) for c in shown]
+        ax.legend(marks, [_CAUSE_LEGEND[c] for c in shown], fontsize=8, loc="lower right",
                   title="first length not done", title_fontsize=8)
     _style(ax)
     return fig
