@@ -16,6 +16,7 @@ S = L * 2**P features, so the state is [S, D] per head. This module never forms 
 
 from __future__ import annotations
 
+import sys
 from types import SimpleNamespace
 
 import torch
@@ -28,21 +29,23 @@ CHUNK = 64
 
 
 def race_lean(q, k, v, planes, *, beta, causal=False, normalize="paper", eps=1e-6, block=None, chunk=None,
-              comm=None):
+              comm=None, ops=None):
     """RACE attention on [B, H, T, D] tensors; planes [L, P, D]. See racebench.race_attention.
 
     comm: None for a whole sequence; for one shard of a sequence split across processes, an object with
     all_reduce(t) (sum in place) and prefix_suffix(t) (sums over the shards before and after this one), as
-    parallel.py provides."""
-    return _RaceFunction.apply(q, k, v, planes, float(beta), causal, normalize, eps, block, chunk, comm)
+    parallel.py provides. ops: a module with this one's four non-causal per-head functions (key_state,
+    query_forward, query_backward, key_backward), e.g. native.py's; None for this module's own."""
+    return _RaceFunction.apply(q, k, v, planes, float(beta), causal, normalize, eps, block, chunk, comm, ops)
 
 
 class _RaceFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, planes, beta, causal, normalize, eps, block, chunk, comm):
+    def forward(ctx, q, k, v, planes, beta, causal, normalize, eps, block, chunk, comm, ops):
         B, H, T, D = q.shape
         N = B * H
         cfg = make_config(q, planes, beta, normalize, eps, block, chunk)
+        ops = ops or sys.modules[__name__]
         q3, k3, v3 = (x.reshape(N, T, D) for x in (q, k, v))  # views for contiguous inputs
         o = torch.empty_like(q3)
 
@@ -56,20 +59,20 @@ class _RaceFunction(torch.autograd.Function):
                 A_in, KV_in = (comm.prefix_suffix(t)[0] for t in totals)
             A, KV = stacked(causal_forward(q3[n], k3[n], v3[n], o[n], cfg, A_in[n], KV_in[n]) for n in range(N))
         else:
-            A, KV = stacked(key_state(k3[n], v3[n], cfg) for n in range(N))
+            A, KV = stacked(ops.key_state(k3[n], v3[n], cfg) for n in range(N))
             if comm is not None:
                 comm.all_reduce(A), comm.all_reduce(KV)
             for n in range(N):
-                query_forward(q3[n], A[n], KV[n], o[n], cfg)
+                ops.query_forward(q3[n], A[n], KV[n], o[n], cfg)
         ctx.save_for_backward(q, k, v, A, KV)
-        ctx.cfg, ctx.causal, ctx.comm = cfg, causal, comm
+        ctx.cfg, ctx.causal, ctx.comm, ctx.ops = cfg, causal, comm, ops
         return o.view(B, H, T, D)
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, A, KV = ctx.saved_tensors
         B, H, T, D = q.shape
-        N, cfg, comm = B * H, ctx.cfg, ctx.comm
+        N, cfg, comm, ops = B * H, ctx.cfg, ctx.comm, ctx.ops
         q3, k3, v3, do3 = (x.reshape(N, T, D) for x in (q, k, v, do))
         dq, dk, dv = (torch.empty_like(q3) for _ in range(3))
         if ctx.causal:
@@ -81,14 +84,14 @@ class _RaceFunction(torch.autograd.Function):
                 for n in range(N):
                     key_backward(k3[n], v3[n], dA_later[n], dKV_later[n], dk[n], dv[n], cfg, accumulate=True)
         else:
-            dA, dKV = (torch.stack(s) for s in zip(*[query_backward(q3[n], do3[n], A[n], KV[n], dq[n], cfg)
+            dA, dKV = (torch.stack(s) for s in zip(*[ops.query_backward(q3[n], do3[n], A[n], KV[n], dq[n], cfg)
                                                     for n in range(N)]))
             if comm is not None:
                 comm.all_reduce(dA), comm.all_reduce(dKV)
             for n in range(N):
-                key_backward(k3[n], v3[n], dA[n], dKV[n], dk[n], dv[n], cfg)
+                ops.key_backward(k3[n], v3[n], dA[n], dKV[n], dk[n], dv[n], cfg)
         shape = (B, H, T, D)
-        return dq.view(shape), dk.view(shape), dv.view(shape), *([None] * 8)
+        return dq.view(shape), dk.view(shape), dv.view(shape), *([None] * 9)
 
 
 def make_config(q, planes, beta, normalize, eps, block=None, chunk=None):
