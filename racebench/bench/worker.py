@@ -117,7 +117,7 @@ def measure_point(spec: SweepSpec, method: str, T: int) -> dict:
 
         return measure_parallel(spec, method, T)
     m = get_method(method)
-    row = point_row(spec, method, T, impl=m.impl(spec.device), threads=torch.get_num_threads())
+    row = point_row(spec, method, T, impl=m.impl(spec.build_config(T)), threads=torch.get_num_threads())
     row = measure(spec, row, T, lambda: m.build(spec.build_config(T)), start)
     row.pop("times_ms", None)
     return row

@@ -56,8 +56,11 @@ class Method:
     support: dict[str, tuple[torch.dtype, ...]] = field(default_factory=lambda: {"cpu": ALL, "cuda": ALL})
     # Returns None when the method can run here, else the reason it cannot ("needs CUDA").
     unavailable: Callable[[str], str | None] = lambda device: None
-    # Which implementation actually runs on a device (recorded with every result).
-    impl: Callable[[str], str] = lambda device: "torch"
+    # Which implementation a build with this config runs (recorded with every result).
+    impl: Callable[[BuildConfig], str] = lambda cfg: "torch"
+    # Work done once in the sweep's own process before the method's points (building native kernels), so
+    # that no point's budget pays for it.
+    prepare: Callable[[str], None] = lambda device: None
     knobs: tuple[str, ...] = ()
     # The knob values a build with this config really uses (defaults filled in), recorded with results.
     effective_knobs: Callable[[BuildConfig], dict[str, Any]] = lambda cfg: {}

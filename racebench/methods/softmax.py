@@ -72,7 +72,7 @@ register_method(Method(
     description="FlashAttention: flash-attn's flash_attn_func on CUDA when installed, else SDPA's flash backend",
     build=_flash_attn_build,
     support={"cpu": ALL, "cuda": HALF},
-    impl=lambda device: "flash_attn.flash_attn_func" if device == "cuda" and HAS_FLASH_ATTN else "sdpa-flash",
+    impl=lambda cfg: "flash_attn.flash_attn_func" if cfg.device == "cuda" and HAS_FLASH_ATTN else "sdpa-flash",
 ))
 register_method(Method(
     name="flash3",
@@ -80,7 +80,7 @@ register_method(Method(
     build=_flash3_build,
     support={"cuda": HALF},
     unavailable=_flash3_unavailable,
-    impl=lambda device: "flash_attn_interface.flash_attn_func",
+    impl=lambda cfg: "flash_attn_interface.flash_attn_func",
 ))
 # One SDPA backend each: (name, backend, what it is, device -> dtypes).
 _SDPA_ONLY = (
@@ -90,7 +90,7 @@ _SDPA_ONLY = (
 )
 for _name, _backend, _what, _support in _SDPA_ONLY:
     register_method(Method(name=_name, description=f"PyTorch SDPA restricted to its {_what} backend",
-                           build=_sdpa(_backend), support=_support, impl=lambda device, n=_name: n))
+                           build=_sdpa(_backend), support=_support, impl=lambda cfg, n=_name: n))
 register_method(Method(
     name="softmax-naive",
     description="Softmax attention with explicit T x T scores (runs out of memory first)",

@@ -8,6 +8,7 @@ import os
 import torch
 
 from racebench.errors import UsageError
+from racebench.methods.race import native
 from racebench.methods.race.hashing import make_planes, soft_hash
 from racebench.methods.race.lean import race_lean
 from racebench.methods.race.paper import paper_beta, race_paper
@@ -20,7 +21,7 @@ DEFAULT_L = 3
 DEFAULT_BETA = 8.0
 NORMALIZATIONS = ("paper", "bucket")
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the Triton kernels take
-IMPLS = ("auto", "triton", "torch")
+IMPLS = ("auto", "triton", "cpp", "torch")
 
 __all__ = ["race_attention", "make_planes", "soft_hash", "DEFAULT_BETA", "DEFAULT_P", "DEFAULT_L"]
 
@@ -35,21 +36,30 @@ def race_attention(q, k, v, planes, *, beta, causal=False, normalize="paper", ep
       normalize="bucket": o_i = sum_s phi(q_i)_s KV_s / (A_s + eps)
     Returns [B, H, T, D] in q's dtype, differentiable in q, k and v; accumulates in fp32 (fp64 for fp64).
     Memory beyond q, k, v, o and their gradients is O(block * (S + D)), never [T, S, D].
-    impl: "triton" = the fused kernels (fused.py; CUDA, or the CPU under TRITON_INTERPRET=1), "torch" = the
-    PyTorch core (lean.py), "auto" = triton for CUDA inputs the kernels take (fp32/bf16/fp16, S <= 64,
-    D <= 256) when Triton is installed, else torch.
+    impl: "triton" = the fused kernels (fused.py; CUDA, or the CPU under TRITON_INTERPRET=1), "cpp" = the
+    native CPU kernels for the non-causal core (native.py; fp32/fp64, built on first use; causal inputs run the
+    PyTorch core), "torch" = the PyTorch core (lean.py), "auto" = triton for CUDA inputs the kernels take
+    (fp32/bf16/fp16, S <= 64, D <= 256) when Triton is installed, cpp for CPU inputs its kernels take where
+    they build, else torch.
     """
     _validate(q, k, v, planes, beta, normalize)
     if impl not in IMPLS:
         raise UsageError(f"impl must be one of {', '.join(IMPLS)}, not {impl!r}")
     if impl == "auto":
-        impl = "triton" if q.is_cuda and HAS_TRITON and _fused().unsupported_reason(q, planes) is None else "torch"
+        if q.is_cuda:
+            impl = "triton" if HAS_TRITON and _fused().unsupported_reason(q, planes) is None else "torch"
+        else:
+            impl = "cpp" if native.unsupported_reason(q, planes) is None else "torch"
     if impl == "triton":
         if not HAS_TRITON:
             raise UsageError("impl='triton' needs the triton package (pip install triton)")
         if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
             raise UsageError("impl='triton' runs on CUDA tensors (on the CPU only under TRITON_INTERPRET=1)")
         return _fused().race_fused(q, k, v, planes, beta=beta, causal=causal, normalize=normalize, eps=eps)
+    if impl == "cpp":
+        if (why := native.unsupported_reason(q, planes)) is not None:
+            raise UsageError(f"impl='cpp': {why}")
+        return race_lean(q, k, v, planes, beta=beta, causal=causal, normalize=normalize, eps=eps, ops=native)
     return race_lean(q, k, v, planes, beta=beta, causal=causal, normalize=normalize, eps=eps)
 
 
@@ -118,14 +128,24 @@ def _build_race_paper(cfg: BuildConfig):
 RACE_KNOBS = ("race_P", "race_L", "race_beta", "race_M", "race_normalize")
 
 
-def _race_impl(device: str) -> str:
-    return "triton" if device == "cuda" and HAS_TRITON else "torch"
+def _race_impl(cfg: BuildConfig) -> str:
+    if cfg.device == "cuda":
+        return "triton" if HAS_TRITON else "torch"
+    P, L, _ = _knobs(cfg)
+    return "cpp" if not cfg.causal and native.supports(cfg.dtype, L, P) and native.available() else "torch"
+
+
+def _prepare_race(device: str) -> None:
+    if device == "cpu":
+        native.available()  # builds the native kernels once, in the sweep's process, outside every point's budget
 
 
 register_method(Method(
     name="race",
-    description="RACE attention: fused Triton kernels on CUDA, the PyTorch core (race-torch) elsewhere",
-    build=lambda cfg: _build_race(cfg, _race_impl(cfg.device)),
+    description="RACE attention: fused Triton kernels on CUDA, native kernels on CPU (non-causal), else the "
+                "PyTorch core (race-torch)",
+    build=lambda cfg: _build_race(cfg, _race_impl(cfg)),
+    prepare=_prepare_race,
     # The kernels take fp32/bf16/fp16; on CUDA without Triton race is race-torch and takes every dtype.
     support={"cpu": ALL, "cuda": FUSED_DTYPES if HAS_TRITON else ALL},
     impl=_race_impl,

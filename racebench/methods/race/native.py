@@ -3,7 +3,8 @@ functions, same signatures, so lean's autograd Function runs either set. Each to
 and cache instead of passing through [S, block] temporaries between PyTorch operators.
 
 Built on first use with the machine's C++ compiler (torch.utils.cpp_extension, cached under
-~/.cache/torch_extensions); where it cannot be built, `available()` says why and `race` runs the PyTorch core.
+~/.cache/torch_extensions; a sweep builds them before its first point); where they cannot be built,
+`build_error()` says why and `race` runs the PyTorch core.
 """
 
 from __future__ import annotations
@@ -23,9 +24,11 @@ def _build():
     try:
         from torch.utils.cpp_extension import load
 
-        module = load(name="racebench_race_cpu", sources=[str(_SOURCE)],
-                      extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math", "-funroll-loops"], extra_ldflags=["-fopenmp"],
-                      verbose=False)
+        # -ffast-math lets tanh and exp run in SIMD lanes (glibc's vector math); it is not passed to the link,
+        # so it does not switch the whole process to flushing denormals.
+        flags = ["-O3", "-march=native", "-fopenmp", "-ffast-math", "-funroll-loops"]
+        module = load(name="racebench_race_cpu", sources=[str(_SOURCE)], extra_cflags=flags,
+                      extra_ldflags=["-fopenmp"], verbose=False)
         return module, None
     except Exception as exc:  # no compiler, no ninja, a failed build: the PyTorch core serves instead
         return None, f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
@@ -35,8 +38,21 @@ def available() -> bool:
     return _build()[0] is not None
 
 
-def unavailable_reason() -> str | None:
+def build_error() -> str | None:
     return _build()[1]
+
+
+def supports(dtype, L: int, P: int) -> bool:
+    return dtype in DTYPES and L * P <= 64 and L * 2**P <= 512 and P <= 9
+
+
+def unsupported_reason(q, planes) -> str | None:
+    """None when the kernels take these inputs (building them on first use), else why not."""
+    L, P, _ = planes.shape
+    if q.device.type != "cpu" or not supports(q.dtype, L, P):
+        return (f"the native kernels take fp32/fp64 CPU tensors, L*P <= 64 and L*2**P <= 512 (P <= 9); got "
+                f"{q.dtype} on {q.device.type}, L={L}, P={P}")
+    return build_error()
 
 
 def _hash_args(cfg):

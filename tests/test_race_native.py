@@ -1,0 +1,87 @@
+"""The native CPU kernels (native.py, csrc/race_cpu.cpp) against the float64 specification, and how race picks
+them. Skipped, and shown as skipped, where they cannot be built (no C++ compiler)."""
+
+import pytest
+import torch
+from conftest import qkv, rel_err
+
+from racebench import make_planes, race_attention
+from racebench.errors import UsageError
+from racebench.methods.race import native
+from racebench.methods.race.lean import race_lean
+from racebench.methods.race.naive import race_naive
+from racebench.methods.registry import BuildConfig, get_method
+
+needs_build = pytest.mark.skipif(not native.available(), reason=f"native kernels not built: {native.build_error()}")
+NORMS = ["paper", "bucket"]
+
+
+@needs_build
+@pytest.mark.parametrize("normalize", NORMS)
+@pytest.mark.parametrize("T", [1, 63, 257])
+@pytest.mark.parametrize("D", [60, 64, 128])  # a general head dimension, and the two compiled as constants
+def test_native_matches_spec_float64(check_close, normalize, T, D):
+    q, k, v = qkv(2, 3, T, D)
+    planes = make_planes(3, 3, D, seed=torch.seed() % 1000).double()
+    kw = dict(beta=2.0, causal=False, normalize=normalize)
+    check_close(lambda q, k, v: race_attention(q, k, v, planes, impl="cpp", **kw),
+                lambda q, k, v: race_naive(q, k, v, planes, **kw), q, k, v, tol=1e-10)
+
+
+@needs_build
+@pytest.mark.parametrize("normalize", NORMS)
+def test_native_long_sequence_fp32(normalize):
+    """2^16 tokens in fp32 against the float64 PyTorch core: sums over long sequences keep their precision."""
+    T, D = 2**16, 128
+    q, k, v = (x.detach().requires_grad_() for x in qkv(1, 2, T, D, dtype=torch.float32))
+    planes = make_planes(3, 3, D, seed=1)
+    g = torch.randn(1, 2, T, D)
+    kw = dict(beta=8.0, causal=False, normalize=normalize)
+    o32 = race_attention(q, k, v, planes, impl="cpp", **kw)
+    got = (o32, *torch.autograd.grad(o32, (q, k, v), g))
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    o64 = race_lean(q64, k64, v64, planes.double(), **kw)
+    want = (o64, *torch.autograd.grad(o64, (q64, k64, v64), g.double()))
+    for name, a, b in zip(("o", "dq", "dk", "dv"), got, want):
+        assert rel_err(a, b) < 1e-5, name
+
+
+@needs_build
+def test_native_takes_a_broadcast_output_gradient():
+    """The protocol's loss hands the output gradient on as a stride-0 view; the kernels read it in place."""
+    q, k, v = (x.detach().requires_grad_() for x in qkv(1, 2, 300, 64))
+    planes = make_planes(3, 3, 64, seed=2).double()
+    grads = []
+    for impl in ("cpp", "torch"):
+        for x in (q, k, v):
+            x.grad = None
+        race_attention(q, k, v, planes, beta=8.0, impl=impl).sum().backward()
+        grads.append([x.grad.clone() for x in (q, k, v)])
+    for a, b in zip(*grads):
+        assert rel_err(a, b) < 1e-12
+
+
+@needs_build
+def test_race_runs_native_kernels_on_cpu_where_they_apply(monkeypatch):
+    calls = []
+    monkeypatch.setattr(native, "query_forward", lambda *a: calls.append("native"))
+    q = torch.randn(1, 1, 8, 16)
+    race_attention(q, q, q, make_planes(3, 3, 16), beta=8.0)
+    race_attention(q, q, q, make_planes(3, 3, 16), beta=8.0, causal=True)  # the PyTorch core
+    race_attention(q.bfloat16(), q.bfloat16(), q.bfloat16(), make_planes(3, 3, 16), beta=8.0)
+    assert calls == ["native"]
+    race = get_method("race")
+    assert race.impl(BuildConfig(1, 4, 64, 16)) == "cpp"
+    assert race.impl(BuildConfig(1, 4, 64, 16, causal=True)) == "torch"
+    assert race.impl(BuildConfig(1, 4, 64, 16, dtype=torch.bfloat16)) == "torch"
+    assert get_method("race-torch").impl(BuildConfig(1, 4, 64, 16)) == "torch"
+
+
+def test_without_a_build_race_runs_the_pytorch_core(monkeypatch):
+    monkeypatch.setattr(native, "_build", lambda: (None, "RuntimeError: no C++ compiler"))
+    q = torch.randn(1, 1, 8, 16)
+    planes = make_planes(3, 3, 16)
+    assert rel_err(race_attention(q, q, q, planes, beta=8.0), race_lean(q, q, q, planes, beta=8.0)) == 0
+    assert get_method("race").impl(BuildConfig(1, 4, 64, 16)) == "torch"
+    with pytest.raises(UsageError, match="no C\\+\\+ compiler"):
+        race_attention(q, q, q, planes, beta=8.0, impl="cpp")
