@@ -203,9 +203,9 @@ from racebench.bench.memory import CpuMemory
 mem = CpuMemory(2**30)
 mem.cap()
 mem.settle_for_timing()
-for mib in (1, 16, 64, 256):
+for mib in (4, 16, 64, 256):
     faults = []
-    for _ in range(3):
+    for _ in range(8):  # small allocations between them decide which repeat finds its old block free
         before = mem.faults()
         torch.ones(mib * 2**18)  # filled, then freed
         faults.append(mem.faults() - before)
@@ -215,13 +215,14 @@ for mib in (1, 16, 64, 256):
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the timing allocator's settings are glibc's")
 def test_timed_passes_allocate_like_a_pytorch_process():
-    """Blocks up to 32 MiB are reused from the heap; larger tensors are fresh memory on every allocation, as
-    in a long-running PyTorch process with glibc's defaults (so a timed pass pays for its outputs' pages)."""
+    """Blocks up to 32 MiB come from the heap and are reused; larger tensors are fresh memory on every
+    allocation, as in a long-running PyTorch process with glibc's defaults (so a timed pass pays for its outputs'
+    pages)."""
     import subprocess
     import sys
 
     out = subprocess.run([sys.executable, "-c", _TIMING_ALLOCATOR], capture_output=True, text=True, check=True)
     faults = {int(a): int(b) for a, b in (line.split() for line in out.stdout.splitlines())}
     pages = {mib: mib * 2**20 // 4096 for mib in faults}
-    assert faults[1] < 16 and faults[16] < pages[16] // 10
+    assert faults[4] < pages[4] // 10 and faults[16] < pages[16] // 10
     assert faults[64] >= 0.9 * pages[64] and faults[256] >= 0.9 * pages[256]
