@@ -13,7 +13,7 @@ from conftest import qkv, rel_err
 from racebench import make_planes, race_attention
 from racebench.errors import UsageError
 from racebench.methods.race import fused as fused_module
-from racebench.methods.race import launch
+from racebench.methods.race import launch, native
 from racebench.methods.race.hashing import soft_hash
 from racebench.methods.race.naive import race_naive
 from racebench.methods.registry import HAS_TRITON, BuildConfig, get_method
@@ -149,6 +149,7 @@ def test_auto_picks_triton_on_cuda_only(monkeypatch):
     import racebench.methods.race.fused as fused_mod
 
     monkeypatch.setattr(fused_mod, "race_fused", lambda *a, **kw: calls.append("triton"))
+    monkeypatch.setattr(native, "_build", lambda: (None, "not built here"))  # no C++ build in the GPU check's tests
     q = torch.randn(1, 1, 8, 16)
     race_attention(q, q, q, make_planes(3, 3, 16), beta=8.0)
     assert calls == []
