@@ -1,8 +1,10 @@
 // Native CPU twins of lean.py's four non-causal per-head functions (key_state, query_forward, query_backward,
-// key_backward): the same math, token by token, with each token's soft-hash features kept in registers and
-// cache instead of [S, block] and [LP, block] temporaries streamed through memory between PyTorch operators.
-// One head per call; rows [T, D] with unit stride along D (any row stride: the output gradient may be a broadcast
-// view); accumulation in the input type (fp32 or fp64), in chunks of CHUNK tokens so long sums stay accurate.
+// key_backward): the same math, in tiles of TILE tokens whose soft-hash features are computed together (tanh and
+// exp across the tokens, in SIMD lanes) and stay in cache, with each token's output and gradient rows and the
+// state rows accumulated in registers, instead of [S, block] and [LP, block] temporaries streamed through memory
+// between PyTorch operators. One head per call; rows [T, D] with unit stride along D (the output gradient may have
+// any strides: the protocol's is a broadcast view); accumulation in the input type (fp32 or fp64), in chunks of
+// CHUNK tokens so that long sums stay accurate.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
