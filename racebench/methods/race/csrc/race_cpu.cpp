@@ -19,11 +19,33 @@ constexpr int64_t CHUNK = 512;     // tokens summed into a chunk's partial state
 constexpr int MAX_LP = 64, MAX_S = 512;
 constexpr int TILE = 16;  // tokens whose features are computed together
 
+// A row of D values to accumulate into `out`: in registers when D is known at compile time (DC > 0), else in
+// place. Starts from out's values (keep) or from zero; store() writes it back.
+template <typename T, int DC>
+struct Row {
+  T local[DC > 0 ? DC : 1];
+  T *out, *p;
+  int64_t D;
+  Row(T* out_, int64_t D_, bool keep) : out(out_), p(DC > 0 ? local : out_), D(D_) {
+    if (DC > 0 || !keep)
+      for (int64_t d = 0; d < D; ++d) p[d] = keep ? out[d] : T(0);
+  }
+  void store() {
+    if (DC > 0)
+      for (int64_t d = 0; d < D; ++d) out[d] = p[d];
+  }
+};
+
+// Z = KV for the paper normalization, KV / (A + eps) row by row for the bucket one.
 template <typename T>
-inline T sigmoid(T z) {
-  if (z >= 0) return T(1) / (T(1) + std::exp(-z));
-  T e = std::exp(z);
-  return e / (T(1) + e);
+std::vector<T> query_state(const torch::Tensor& A, const torch::Tensor& KV, bool paper, double eps) {
+  int64_t S = KV.size(0), D = KV.size(1);
+  const T* Ap = A.data_ptr<T>();
+  std::vector<T> Z(KV.data_ptr<T>(), KV.data_ptr<T>() + S * D);
+  if (!paper)
+    for (int64_t s = 0; s < S; ++s)
+      for (int64_t d = 0; d < D; ++d) Z[s * D + d] /= Ap[s] + T(eps);
+  return Z;
 }
 
 template <typename T, int DC>  // DC: the head dimension when known at compile time (64, 128), else 0
@@ -93,17 +115,14 @@ struct Hash {
         dh[l * P + p] = beta * du * (T(1) - ui * ui);
       }
     }
-    T local[DC > 0 ? DC : 1];  // with D known, the row accumulates in registers
-    T* row = DC > 0 ? local : dx;
-    for (int64_t d = 0; d < D; ++d) row[d] = accumulate ? dx[d] : T(0);
+    Row<T, DC> row(dx, D, accumulate);
     for (int i = 0; i < LP; ++i) {
       const T* w = W + i * D;
       T h = dh[i];
 #pragma omp simd
-      for (int64_t d = 0; d < D; ++d) row[d] += h * w[d];
+      for (int64_t d = 0; d < D; ++d) row.p[d] += h * w[d];
     }
-    if (DC > 0)
-      for (int64_t d = 0; d < D; ++d) dx[d] = row[d];
+    row.store();
   }
 };
 
@@ -142,22 +161,17 @@ void add_outer(T* sums, T* rows, const T* f, const T* x0, int64_t xs, int n, int
   const int64_t D = DC ? DC : D_;
   for (int s = 0; s < S; ++s) {
     const T* fs = f + s * TILE;
-    T* out = rows + s * D;
-    T local[DC > 0 ? DC : 1];
-    T* row = DC > 0 ? local : out;
-    if (DC > 0)
-      for (int64_t d = 0; d < D; ++d) row[d] = out[d];
+    Row<T, DC> row(rows + s * D, D, true);
     T sum = 0;
     for (int j = 0; j < n; ++j) {
       const T* x = x0 + j * xs;
       T w = fs[j];
       sum += w;
 #pragma omp simd
-      for (int64_t d = 0; d < D; ++d) row[d] += w * x[d];
+      for (int64_t d = 0; d < D; ++d) row.p[d] += w * x[d];
     }
     if (sums) sums[s] += sum;
-    if (DC > 0)
-      for (int64_t d = 0; d < D; ++d) out[d] = row[d];
+    row.store();
   }
 }
 
@@ -186,10 +200,7 @@ void query_forward_impl(const torch::Tensor& q, const torch::Tensor& A, const to
                         bool paper, double eps, const Hash<T, DC>& h) {
   const int64_t D = h.dim(), S = h.S;
   const T *Ap = A.data_ptr<T>(), *qp = q.data_ptr<T>();
-  std::vector<T> Z(KV.data_ptr<T>(), KV.data_ptr<T>() + S * D);
-  if (!paper)
-    for (int s = 0; s < S; ++s)
-      for (int64_t d = 0; d < D; ++d) Z[s * D + d] /= Ap[s] + T(eps);
+  std::vector<T> Z = query_state<T>(A, KV, paper, eps);
   T* op = o.data_ptr<T>();
   int64_t qs = q.stride(0), os = o.stride(0);
   at::parallel_for(0, q.size(0), 256, [&](int64_t t0, int64_t t1) {
@@ -204,18 +215,14 @@ void query_forward_impl(const torch::Tensor& q, const torch::Tensor& A, const to
           for (int s = 0; s < S; ++s) den += Ap[s] * f[s * TILE + j];
           scale = T(1) / den;
         }
-        T* out = op + (tt + j) * os;
-        T local[DC > 0 ? DC : 1];  // with D known, the row accumulates in registers
-        T* row = DC > 0 ? local : out;
-        for (int64_t d = 0; d < D; ++d) row[d] = 0;
+        Row<T, DC> row(op + (tt + j) * os, D, false);
         for (int s = 0; s < S; ++s) {
           const T* z = Z.data() + s * D;
           T fs = f[s * TILE + j] * scale;
 #pragma omp simd
-          for (int64_t d = 0; d < D; ++d) row[d] += fs * z[d];
+          for (int64_t d = 0; d < D; ++d) row.p[d] += fs * z[d];
         }
-        if (DC > 0)
-          for (int64_t d = 0; d < D; ++d) out[d] = row[d];
+        row.store();
       }
     }
   });
@@ -228,18 +235,15 @@ std::vector<torch::Tensor> query_backward_impl(const torch::Tensor& q, const tor
   const int64_t D = h.dim(), S = h.S;
   const T *Ap = A.data_ptr<T>(), *qp = q.data_ptr<T>(), *gp = dout.data_ptr<T>();
   int64_t gcs = dout.stride(1);  // 0 for a broadcast gradient: rows are gathered into a local buffer
-  std::vector<T> Z(KV.data_ptr<T>(), KV.data_ptr<T>() + S * D), a_eps(S);
+  std::vector<T> Z = query_state<T>(A, KV, paper, eps), a_eps(S);
   for (int s = 0; s < S; ++s) a_eps[s] = Ap[s] + T(eps);
-  if (!paper)
-    for (int s = 0; s < S; ++s)
-      for (int64_t d = 0; d < D; ++d) Z[s * D + d] /= a_eps[s];
   T* dqp = dq.data_ptr<T>();
   int64_t qs = q.stride(0), gs = dout.stride(0), dqs = dq.stride(0);
   std::vector<T> total(S + S * D, T(0));  // dA, then dKV (paper) or the gradient of Z (bucket)
   chunked_sum<T>(q.size(0), S + S * D, total.data(), [&](int64_t t0, int64_t t1, T* acc) {
     T u[MAX_LP * TILE], f[MAX_S * TILE], fs[MAX_S * TILE], G[MAX_S], dfq[MAX_S];
     // Output-gradient rows with unit stride: in place, or gathered (a broadcast gradient: once).
-    std::vector<T> gathered((gs == 0 ? 1 : TILE) * D);
+    std::vector<T> gathered(gcs == 1 ? 0 : (gs == 0 ? 1 : TILE) * D);
     if (gcs != 1 && gs == 0)
       for (int64_t d = 0; d < D; ++d) gathered[d] = gp[d * gcs];
     for (int64_t tt = t0; tt < t1; tt += TILE) {
@@ -318,22 +322,18 @@ void key_backward_impl(const torch::Tensor& k, const torch::Tensor& v, const tor
         int64_t t = tt + j;
         const T* fj = f + j;
         const T* vt = vp + t * vs;
-        T* dvt = dvp + t * dvs;
-        T local[DC > 0 ? DC : 1];  // with D known, dv's row accumulates in registers
-        T* acc_v = DC > 0 ? local : dvt;
-        for (int64_t d = 0; d < D; ++d) acc_v[d] = accumulate ? dvt[d] : T(0);
+        Row<T, DC> dv_row(dvp + t * dvs, D, accumulate);
         for (int s = 0; s < S; ++s) {  // g = dA + dKV v; dv (+)= phi(k)^T dKV
           const T* row = dKVp + s * D;
           T dot = 0, fs = fj[s * TILE];
 #pragma omp simd reduction(+ : dot)
           for (int64_t d = 0; d < D; ++d) {
             dot += row[d] * vt[d];
-            acc_v[d] += fs * row[d];
+            dv_row.p[d] += fs * row[d];
           }
           g[s] = dAp[s] + dot;
         }
-        if (DC > 0)
-          for (int64_t d = 0; d < D; ++d) dvt[d] = acc_v[d];
+        dv_row.store();
         h.vjp(u + j, fj, g, dkp + t * dks, accumulate);
       }
     }
