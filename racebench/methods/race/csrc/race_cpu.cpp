@@ -11,9 +11,13 @@
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <vector>
 
@@ -21,7 +25,7 @@ namespace {
 
 constexpr int64_t CHUNK = 512;  // tokens summed into a chunk's partial state before it joins the total
 constexpr int MAX_LP = 64, MAX_S = 512;
-constexpr int TILE = 16;  // tokens handled together; tile arrays are feature-major: a[i * TILE + j], token j
+constexpr int TILE = 32;  // tokens handled together; tile arrays are feature-major: a[i * TILE + j], token j
 
 // The soft hash's elementwise work, across a tile's tokens (SIMD lanes).
 template <typename T>
@@ -45,15 +49,21 @@ struct SoftHash {
           minus[p * TILE + j] = z >= 0 ? e * big : big;
         }
       }
-      for (int r = 0; r < R; ++r) {  // bit p of r, most significant first: 1 is corner +1, 0 is -1
-        T* fr = f + (l * R + r) * TILE;
-        for (int j = 0; j < TILE; ++j) fr[j] = 1;
-        for (int p = 0; p < P; ++p) {
-          const T* sel = (((r >> (P - 1 - p)) & 1) ? plus : minus) + p * TILE;
+      // Bit p of r, most significant first: 1 is corner +1, 0 is -1. Products over the first p bits extend to
+      // p + 1 bits in place (r to 2r and 2r + 1, from the top down so nothing is overwritten before it is read).
+      T* fl = f + l * R * TILE;
+      for (int j = 0; j < TILE; ++j) fl[j] = 1;
+      for (int p = 0; p < P; ++p)
+        for (int r = (1 << p) - 1; r >= 0; --r) {
+          const T *fr = fl + r * TILE, *pl = plus + p * TILE, *mi = minus + p * TILE;
+          T *hi = fl + (2 * r + 1) * TILE, *lo = fl + 2 * r * TILE;
 #pragma omp simd
-          for (int j = 0; j < TILE; ++j) fr[j] *= sel[j];
+          for (int j = 0; j < TILE; ++j) {
+            T x = fr[j];
+            hi[j] = x * pl[j];
+            lo[j] = x * mi[j];
+          }
         }
-      }
     }
   }
 
@@ -146,6 +156,16 @@ struct FixedD {
     return v;
   }
   static void store(T* p, const V& v) { std::memcpy(p, &v, sizeof(V)); }
+  // A store past the caches to 64-byte aligned p: output rows, written once and not read here, need not be read
+  // in first (finish_streams() before the writing thread's results are used).
+  static void stream(T* p, const V& v) {
+#if defined(__AVX512F__)
+    if constexpr (sizeof(T) == 4) _mm512_stream_ps(p, (__m512)v);
+    else _mm512_stream_pd(p, (__m512d)v);
+#else
+    store(p, v);
+#endif
+  }
 
   struct Matrix {
     std::vector<T> t;  // M transposed, [D, width], zero columns past m
@@ -197,7 +217,8 @@ struct FixedD {
     int c0 = 0;
     for (; c0 + 2 * N <= A.width; c0 += 2 * N)
       for (int j0 = 0; j0 < TILE; j0 += 8) project_block<2, 8>(A, c0, rows, j0, tmp);
-    if (c0 < A.width) project_block<1, TILE>(A, c0, rows, 0, tmp);
+    if (c0 < A.width)
+      for (int j0 = 0; j0 < TILE; j0 += 16) project_block<1, 16>(A, c0, rows, j0, tmp);
     for (int i = 0; i < A.m; ++i)
       for (int j = 0; j < TILE; ++j) out[i * TILE + j] = tmp[j * A.width + i];
   }
@@ -247,8 +268,13 @@ struct FixedD {
         for (int b = 0; b < JB; ++b) acc[b][k] += w[b] * m;
       }
     }
+    bool aligned = (reinterpret_cast<std::uintptr_t>(out0) | (os * sizeof(T))) % 64 == 0;
     for (int b = 0; b < JB && j0 + b < n; ++b)
-      for (int k = 0; k < ND; ++k) store(out0 + (j0 + b) * os + k * N, acc[b][k]);
+      for (int k = 0; k < ND; ++k) {
+        T* p = out0 + (j0 + b) * os + k * N;
+        if (aligned) stream(p, acc[b][k]);
+        else store(p, acc[b][k]);
+      }
   }
 
   void combine(T* out0, int64_t os, const T* c, int S, const T* M, int n, bool keep) const {
@@ -256,6 +282,13 @@ struct FixedD {
     for (int j0 = 0; j0 < n; j0 += JB) combine_block<JB>(out0, os, c, S, M, j0, n, keep);
   }
 };
+
+// Streamed stores are weakly ordered: each writing thread fences them before its results are used.
+inline void finish_streams() {
+#if defined(__AVX512F__)
+  _mm_sfence();
+#endif
+}
 
 // The hash's planes and the products that use them. Ops: AnyD<T> or FixedD<T, ND>.
 template <typename T, typename Ops>
@@ -301,6 +334,7 @@ void chunked_sum(int64_t n_tokens, int64_t width, T* total, Body body) {
   std::vector<T> partial(n_chunks * width, T(0));
   at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) body(c * CHUNK, std::min(n_tokens, (c + 1) * CHUNK), partial.data() + c * width);
+    finish_streams();
   });
   for (int64_t c = 0; c < n_chunks; ++c)
     for (int64_t i = 0; i < width; ++i) total[i] += partial[c * width + i];
@@ -378,6 +412,7 @@ void query_forward_impl(const torch::Tensor& q, const torch::Tensor& A, const to
       }
       K.ops.combine(op + tt * os, os, f, S, Z.data(), n, false);
     }
+    finish_streams();
   });
 }
 
@@ -474,6 +509,7 @@ void key_backward_impl(const torch::Tensor& k, const torch::Tensor& v, const tor
       K.ops.combine(dvp + tt * dvs, dvs, f, S, dKVp, n, accumulate);  // dv (+)= phi(k)^T dKV
       K.vjp(u, f, g, dkp + tt * dks, dks, n, accumulate);
     }
+    finish_streams();
   });
 }
 
