@@ -10,7 +10,7 @@ TORCH ?= torch==2.13.0
 PIP_FLAGS ?= -q --disable-pip-version-check
 BIN := $(VENV)/bin
 
-.PHONY: install run test lint bench-race bench-race-alloc gpu-check clean
+.PHONY: install run test lint bench-race bench-race-alloc bench-race-2e20 gpu-check clean
 
 install:
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -51,6 +51,13 @@ bench-race-alloc: install
 	@test -f $(JEMALLOC) || { echo "no jemalloc at $(JEMALLOC): apt-get install libjemalloc2, or JEMALLOC=path"; exit 2; }
 	$(ALLOC_BENCH) --out results/bench-race-glibc-$(STAMP)
 	LD_PRELOAD=$(JEMALLOC) $(JEMALLOC_CONF) $(ALLOC_BENCH) --out results/bench-race-jemalloc-$(STAMP)
+
+# Target 2 at 2^20 (95% of RAM, so that race-paper fits), under both allocators; about 7 minutes.
+BENCH_2E20 := $(BENCH) --methods race,race-paper --lengths 2^20 --memory-budget 95% --time-budget 8m
+bench-race-2e20: install
+	@test -f $(JEMALLOC) || { echo "no jemalloc at $(JEMALLOC): apt-get install libjemalloc2, or JEMALLOC=path"; exit 2; }
+	$(BENCH_2E20) --out results/bench-race-2e20-glibc-$(STAMP)
+	LD_PRELOAD=$(JEMALLOC) $(JEMALLOC_CONF) $(BENCH_2E20) --out results/bench-race-2e20-jemalloc-$(STAMP)
 
 # Every GPU check and timing in about 8 minutes, with the machine's own python (nothing installed): the native
 # GPU tests, ceilings, paper-protocol and causal sweeps, plots, reports, targets; all under $(OUT).

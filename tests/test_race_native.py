@@ -31,16 +31,16 @@ def test_native_matches_spec_float64(check_close, normalize, T, D):
 @needs_build
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("L,P", [(2, 2), (5, 4), (1, 9), (7, 1)])
-def test_native_hash_shapes(check_close, L, P, dtype):
+@pytest.mark.parametrize("D", [64, 128])
+def test_native_hash_shapes(check_close, D, L, P, dtype):
     """Feature counts S = L * 2^P and hyperplane counts L * P that fill no whole SIMD vector, several of them, or
     the largest the kernels take, through the register-blocked products (D = 64, 128) in both precisions."""
-    for D in (64, 128):
-        q, k, v = qkv(1, 2, 100, D, dtype=dtype)
-        planes = make_planes(L, P, D, seed=torch.seed() % 1000).to(dtype)
-        kw = dict(beta=4.0, causal=False, normalize="paper")
-        check_close(lambda q, k, v: race_attention(q, k, v, planes, impl="cpp", **kw),
-                    lambda q, k, v: race_naive(q, k, v, planes, **kw), q, k, v,
-                    tol=1e-10 if dtype == torch.float64 else 1e-5)
+    q, k, v = qkv(1, 2, 100, D, dtype=dtype)
+    planes = make_planes(L, P, D, seed=torch.seed() % 1000).to(dtype)
+    kw = dict(beta=4.0, causal=False, normalize="paper")
+    check_close(lambda q, k, v: race_attention(q, k, v, planes, impl="cpp", **kw),
+                lambda q, k, v: race_naive(q, k, v, planes, **kw), q, k, v,
+                tol=1e-10 if dtype == torch.float64 else 1e-5)
 
 
 @needs_build

@@ -1,7 +1,7 @@
 """`race` on the CPU through native kernels (csrc/race_cpu.cpp): twins of lean.py's four non-causal per-head
-functions, same signatures, so lean's autograd Function runs either set. Features are computed for tiles of 16
-tokens and stay in cache, rows accumulate in registers, instead of [S, block] temporaries passing between PyTorch
-operators.
+functions, same signatures, so lean's autograd Function runs either set. They go through tiles of 32 tokens whose
+products are register-blocked on whole SIMD vectors (head dimensions 64 and 128; plain loops otherwise), instead of
+[S, block] temporaries passing between PyTorch operators.
 
 Built on first use with the machine's C++ compiler (torch.utils.cpp_extension, cached under
 ~/.cache/torch_extensions; a sweep builds them before its first point); where they cannot be built,
