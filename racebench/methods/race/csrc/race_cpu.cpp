@@ -1,6 +1,6 @@
 // Native CPU twins of lean.py's four non-causal per-head functions (key_state, query_forward, query_backward,
 // key_backward): the same math, in tiles of TILE tokens. Everything a tile needs is one of three small products
-// (Products below) plus the soft hash's elementwise work across the tile's tokens (SoftHash):
+// (AnyD, FixedD below) plus the soft hash's elementwise work across the tile's tokens (SoftHash):
 //   project     out[i, j] = M_i . x_j          the projections W x, and G = Z dO, g = dKV v
 //   accumulate  rows_s += sum_j c[s, j] x_j     the states KV and dKV
 //   combine     out_j (+)= sum_s c[s, j] M_s    the outputs o, dv, and dq, dk back through the projections
@@ -190,9 +190,7 @@ struct FixedD {
         const T* row = A.t.data() + d * A.width + c0;
         V m[CW];
 #pragma GCC unroll 4
-        for (int c = 0; c < CW; ++c) {
-          m[c] = load(row + c * N);
-        }
+        for (int c = 0; c < CW; ++c) m[c] = load(row + c * N);
 #pragma GCC unroll 16
         for (int b = 0; b < JB; ++b) {
           T xv = x[b * D + d];
@@ -209,11 +207,11 @@ struct FixedD {
   }
 
   void project(const Matrix& A, const T* x0, int64_t xs, int n, T* out) const {
-    T packed[TILE * D], tmp[TILE * (MAX_S + 16)];  // the tile's rows back to back; out, token-major
-    const T* rows = packed;
-    if (xs == D && n == TILE) std::memcpy(packed, x0, sizeof(packed));
+    // The tile's rows copied in back to back first: read column by column straight from DRAM, they stall.
+    T rows[TILE * D], tmp[TILE * (MAX_S + 16)];  // tmp: out, token-major
+    if (xs == D && n == TILE) std::memcpy(rows, x0, sizeof(rows));
     else
-      for (int j = 0; j < TILE; ++j) std::memcpy(packed + j * D, x0 + std::min(j, n - 1) * xs, D * sizeof(T));
+      for (int j = 0; j < TILE; ++j) std::memcpy(rows + j * D, x0 + std::min(j, n - 1) * xs, D * sizeof(T));
     int c0 = 0;
     for (; c0 + 2 * N <= A.width; c0 += 2 * N)
       for (int j0 = 0; j0 < TILE; j0 += 8) project_block<2, 8>(A, c0, rows, j0, tmp);
