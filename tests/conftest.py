@@ -26,6 +26,13 @@ def out_and_grads(fn, q, k, v, grad_out):
     return (o, *torch.autograd.grad(o, (q, k, v), grad_out.to(o.dtype)))
 
 
+def errors_against_float64(fn, ref, q, k, v, grad_out):
+    """rel_err of fn's output and q, k, v gradients against ref's on float64 copies of the inputs, by name."""
+    got = out_and_grads(fn, q, k, v, grad_out)
+    want = out_and_grads(ref, *(x.detach().double().requires_grad_() for x in (q, k, v)), grad_out.double())
+    return {name: rel_err(a, b) for name, a, b in zip(("o", "dq", "dk", "dv"), got, want)}
+
+
 def _errors(got, want, g):
     # Some gradients are nearly zero in exact arithmetic (dk at T = 1 is O(eps)): measure every error
     # against the larger of the exact value's norm and a hundredth of the incoming gradient's

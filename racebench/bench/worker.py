@@ -116,9 +116,9 @@ def measure_point(spec: SweepSpec, method: str, T: int) -> dict:
         from racebench.bench.parallel_worker import measure_parallel
 
         return measure_parallel(spec, method, T)
-    m = get_method(method)
-    row = point_row(spec, method, T, impl=m.impl(spec.build_config(T)), threads=torch.get_num_threads())
-    row = measure(spec, row, T, lambda: m.build(spec.build_config(T)), start)
+    m, cfg = get_method(method), spec.build_config(T)
+    row = point_row(spec, method, T, impl=m.impl(cfg), threads=torch.get_num_threads())
+    row = measure(spec, row, T, lambda: m.build(cfg), start)
     row.pop("times_ms", None)
     return row
 
