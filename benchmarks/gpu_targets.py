@@ -5,8 +5,9 @@
 1. race's OOM threshold against the floor-limited length: device memory (and the sweep's memory budget)
    divided by the floor, 7 * H * D * element bytes per token (q, k, v, o and their three gradients).
 2. race fwd+bwd at --at against the time needed just to move its bytes at the measured copy bandwidth: one
-   step reads q, k, v, writes o (forward), reads q, k, v, dO and writes dq, dk, dv (backward): 11 passes
-   over a [B, H, T, D] tensor.
+   timed step reads q, k, v and writes o (forward), the protocol's loss reads o, and the backward reads q, k, v
+   and writes dq, dk, dv (the output gradient is a broadcast scalar: fused.py hands the kernels one row of it,
+   read from cache): 11 passes over a [B, H, T, D] tensor.
 3. race against race-paper (and race-torch) at --at, from the same run.
 Nothing is estimated: a figure whose points are missing is printed as missing.
 """
