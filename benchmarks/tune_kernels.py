@@ -30,6 +30,11 @@ from racebench.methods.race import launch
 
 NONCAUSAL = ("state_kernel", "out_kernel", "dq_kernel", "dkv_kernel")
 CAUSAL = ("causal_fwd_kernel", "causal_dq_kernel", "causal_dkv_kernel")
+# [B, H, T, D] tensors each kernel reads or writes in one pass with the protocol's loss (its output gradient is
+# one broadcast row, read from cache; the causal backward reads o for the paper normalization's denominators):
+# with a kernel's time, the rate it moves memory at, to set against the copy bandwidth (ceilings.py).
+PASSES = {"state_kernel": 2, "out_kernel": 2, "dq_kernel": 2, "dkv_kernel": 4, "causal_fwd_kernel": 4,
+          "causal_dq_kernel": 5, "causal_dkv_kernel": 6}
 
 
 def candidates(causal: bool) -> list[dict]:
@@ -191,7 +196,10 @@ def main() -> int:
             row = dict(causal=causal, T=T, label=label(config), config=config, result=result)
             rows.append(row)
             report(rows, args, dev)
-            kern = " ".join(f"{n.replace('_kernel', '')} {ms:.3f}" for n, ms in result.get("kernels_ms", {}).items())
+            moved = {n: PASSES[n] * q.numel() * q.element_size() / max(ms, 1e-9) / 1e9  # TB/s
+                     for n, ms in result.get("kernels_ms", {}).items()}
+            kern = " ".join(f"{n.replace('_kernel', '')} {ms:.3f} ({moved[n]:.2f} TB/s)"
+                            for n, ms in result.get("kernels_ms", {}).items())
             print(f"{'causal' if causal else 'non-causal'} T={T} {row['label']:32s} "
                   + (f"total {result['total_ms']:.3f} ms  [{kern}]  max rel. error {result['max_rel_error']:.1e}"
                      if result.get("error") is None else f"FAILED {result['error']}")
