@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check and timing of racebench in one run of about 8 minutes, on a machine where nothing can be
-# installed (torch and triton present): the native GPU tests, the device's ceilings, the kernels' launch options
-# timed and the fastest kept (benchmarks/tune_kernels.py), the paper-protocol sweep
+# installed (torch and triton present): the native GPU tests (the engine's CUDA paths, the methods, the
+# kernels), the device's ceilings, the kernels' launch options timed and the fastest kept
+# (benchmarks/tune_kernels.py), the paper-protocol sweep
 # (B=1, H=4, D=128, bf16, non-causal, fwd+bwd) of race, race-torch, race-paper, flash, linear and performer from
 # 2^12 to each method's threshold (race's OOM threshold refined to 5%), a causal sweep of race against flash
 # for their crossover, then plots, reports and the README's GPU targets, all under $OUT.
@@ -66,6 +67,8 @@ stage sweep-others 110 "${SWEEP[@]}" --methods race-torch,race-paper,flash,linea
     --max-len "$OTHERS_MAX_LEN" --time-budget 10s --out "$OUT/paper-gpu-others"
 stage sweep-causal 50 "${SWEEP[@]}" --causal --methods race,flash --min-len 2^10 --max-len "$CAUSAL_MAX_LEN" \
     --growth 4 --time-budget 15s --out "$OUT/causal-gpu"
+# The engine's CUDA paths (clocks after the device, the budget, CUDA OOM, the SDPA backends): a few points.
+stage tests-engine 40 "$PY" -m pytest -q tests/test_cuda_engine.py
 # Last among the measurements: native compiles of every tested variant take minutes; the smoke stage has
 # already compared the kernels with the PyTorch core at the sweeps' shapes.
 # Every CUDA method first, then the kernels' tests in file order (the launch-option ones, each a new compile, last).
