@@ -142,7 +142,7 @@ def _as_read(do3):
     has stride 0 everywhere; as one row of D values broadcast over heads and tokens it has unit stride along D,
     which Triton's JIT specializes on (a stride of 0 it does not), so the kernels load it 16 bytes at a time
     rather than element by element. Same values, D elements of memory."""
-    if any(do3.stride()):
+    if any(do3.stride()) or do3.numel() == 0:
         return do3
     return do3[0, 0].contiguous().as_strided(do3.shape, (0, 0, 1))
 
