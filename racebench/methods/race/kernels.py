@@ -16,7 +16,9 @@ Accumulation is fp32 whatever the input dtype. Products run on the tensor cores 
 precision matters, and bf16 tiles stay bf16 in registers (fp32 copies of them spilled: compile_kernels.py):
 - the hash's projection x W^T: for bf16 x, three bf16 products with W split into three bf16 parts (exact: x is
   bf16, and products of bf16 values are exact in fp32); for fp32 and fp16 x (converted), tf32x3. (A tf32
-  rounding of z would move phi by about 1%.) The hash's other products (with G, M, back through W): tf32x3;
+  rounding of z would move phi by about 1%.) Products with the 0/1 matrices G and M: the fp32 side as three
+  bf16 parts (_dot_exact: 24 bits, half the tensor-core work of tf32x3). Back through W in the backward: for
+  bf16 inputs two bf16 parts of the gradient times W's first two (16 bits, for a bf16 result), else tf32x3;
 - value products of fp32 features or states with a bf16 tile: the fp32 side split into two bf16 parts
   (_vdot, about 16 mantissa bits, finer than tf32); other value products take VPREC on fp32 operands: "tf32x3"
   for fp32 inputs, "tf32" for bf16/fp16 inputs, whose own rounding is coarser. fp16 tiles are converted: with
@@ -39,8 +41,9 @@ import os
 import triton
 import triton.language as tl
 
-# The hash's own products: tf32x3 splits each fp32 operand into two tf32 parts on the tensor cores, about fp32
-# accuracy. ("ieee" fp32 products hold a whole K = 128 row of x per thread: every kernel spilled registers.)
+# The hash's products with W for fp32 and fp16 inputs: tf32x3 splits each fp32 operand into two tf32 parts on the
+# tensor cores, about fp32 accuracy. ("ieee" fp32 products are FMAs on fp32 copies of the tile: twice the
+# machine instructions and spilled registers, compile_kernels.py.)
 HPREC = tl.constexpr("tf32x3")
 # Triton's interpreter multiplies the bit patterns of bfloat16 dot operands (triton-lang/triton#11584): there, _dot16
 # multiplies the same values in fp32 (bf16 x bf16 products are exact in fp32, so the values agree).
@@ -61,7 +64,7 @@ def _features(x, hp, beta, valid, svalid):
     u = _tanh(_proj(x, hp))
     z = (2.0 * beta) * u
     ls = tl.minimum(z, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(z)))  # logsigmoid(z), stable for any z
-    logphi = tl.dot(ls, hp[1], input_precision=HPREC) - tl.dot(z, hp[2], input_precision=HPREC)
+    logphi = _dot_exact(ls, hp[1]) - _dot_exact(z, hp[2])
     phi = tl.where(valid[:, None] & svalid[None, :], tl.exp(logphi), 0.0)
     return u, phi
 
@@ -89,6 +92,18 @@ def _dot16(a, b):
 
 
 @triton.jit
+def _dot_exact(a, g):
+    """a @ g for fp32 a and a matrix g of 0s and 1s (the hash's G and M): a as the sum of three bf16 parts
+    (24 bits, as fp32 holds), each multiplied by g exactly on the tensor cores."""
+    gb = g.to(tl.bfloat16)
+    hi = a.to(tl.bfloat16)
+    rest = a - hi.to(tl.float32)
+    mid = rest.to(tl.bfloat16)
+    lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
+    return _dot16(hi, gb) + _dot16(mid, gb) + _dot16(lo, gb)
+
+
+@triton.jit
 def _vdot(a, b, VPREC: tl.constexpr):
     """a @ b for fp32 operands (features, gradients, states) and tiles in the input dtype, in any pairing. Two
     bf16 tiles multiply directly (exact products); with one bf16 tile the fp32 side is split into two bf16 parts
@@ -109,13 +124,19 @@ def _vdot(a, b, VPREC: tl.constexpr):
 
 @triton.jit
 def _features_vjp(u, phi, dphi, hp, beta):
-    """The gradient with respect to x of <phi(x), dphi>, from u and phi of _features: [R, BD] fp32."""
+    """The gradient with respect to x of <phi(x), dphi>, from u and phi of _features: [R, BD] fp32. For bf16
+    inputs (W's parts hp[3:6] are bf16 then) the last product, back through W, takes bf16 parts: dh's two and
+    W's first two, about 16 bits, far finer than the bf16 gradient it becomes; otherwise tf32x3."""
     gphi = dphi * phi  # d log phi
     z = (2.0 * beta) * u
-    dz = tl.sigmoid(-z) * tl.dot(gphi, tl.trans(hp[1]), input_precision=HPREC) \
-        - tl.dot(gphi, tl.trans(hp[2]), input_precision=HPREC)
+    dz = tl.sigmoid(-z) * _dot_exact(gphi, tl.trans(hp[1])) - _dot_exact(gphi, tl.trans(hp[2]))
     dh = (2.0 * beta) * dz * (1.0 - u * u)
-    return tl.dot(dh, hp[0], input_precision=HPREC)
+    if hp[3].dtype == tl.bfloat16:
+        hi = dh.to(tl.bfloat16)
+        dx = _dot16(hi, hp[3]) + _dot16(hi, hp[4]) + _dot16((dh - hi.to(tl.float32)).to(tl.bfloat16), hp[3])
+    else:
+        dx = tl.dot(dh, hp[0], input_precision=HPREC)
+    return dx
 
 
 @triton.jit
