@@ -228,7 +228,7 @@ def out_kernel(Q, O, W, WP, G, M, A, Z, T, D, S, span, beta, eps, sqn, sqt, sqd,
         _, phi = _features(_load_rows(Q, n, rows, rd, T, D, sqn, sqt, sqd), hp, beta, rows < T, rs < S)
         o = tl.dot(phi, z, input_precision=VPREC)
         if PAPER:
-            o = o / (tl.sum(phi * a[None, :], 1) + eps)[:, None]
+            o = o * (1.0 / (tl.sum(phi * a[None, :], 1) + eps))[:, None]  # one division per row
         _store_rows(O, n, rows, rd, T, D, son, sot, sod, o)
 
 
@@ -252,9 +252,10 @@ def dq_kernel(Q, DO, DQ, W, WP, G, M, A, Z, dA_out, dZ_out, T, D, S, span, beta,
         gz = _vdot(gr, tl.trans(z), VPREC)  # [BT, BS]
         if PAPER:
             den = tl.sum(phi * a[None, :], 1) + eps
-            wt = tl.sum(phi * gz, 1) / (den * den)
-            dphi = gz / den[:, None] - a[None, :] * wt[:, None]
-            dz += _vdot(tl.trans(phi / den[:, None]), gr, VPREC)
+            rden = 1.0 / den
+            wt = tl.sum(phi * gz, 1) * rden * rden
+            dphi = gz * rden[:, None] - a[None, :] * wt[:, None]
+            dz += _vdot(tl.trans(phi * rden[:, None]), gr, VPREC)
             da -= tl.sum(phi * wt[:, None], 0)
         else:
             dphi = gz
@@ -305,7 +306,7 @@ def causal_fwd_kernel(Q, K, V, O, DEN, W, WP, G, M, A0, KV0, T, D, S, span, beta
         if PAPER:
             scores = tl.where(causal, tl.dot(fq, tl.trans(fk), input_precision=VPREC), 0.0)
             den = tl.sum(fq * a[None, :], 1) + tl.sum(scores, 1) + eps
-            o = (tl.dot(fq, kv, input_precision=VPREC) + _vdot(scores, v, VPREC)) / den[:, None]
+            o = (tl.dot(fq, kv, input_precision=VPREC) + _vdot(scores, v, VPREC)) * (1.0 / den)[:, None]
             tl.store(DEN + n * T + rows, den, mask=valid)
         else:
             qf = fq / (a[None, :] + tl.cumsum(fk, 0) + eps)  # A_t sums the keys j <= t
