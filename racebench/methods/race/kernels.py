@@ -131,9 +131,8 @@ def _features_vjp(u, phi, dphi, hp, beta):
     z = (2.0 * beta) * u
     dz = tl.sigmoid(-z) * _dot_exact(gphi, tl.trans(hp[1])) - _dot_exact(gphi, tl.trans(hp[2]))
     dh = (2.0 * beta) * dz * (1.0 - u * u)
-    if hp[3].dtype == tl.bfloat16:
-        hi = dh.to(tl.bfloat16)
-        dx = _dot16(hi, hp[3]) + _dot16(hi, hp[4]) + _dot16((dh - hi.to(tl.float32)).to(tl.bfloat16), hp[3])
+    if hp[3].dtype == tl.bfloat16:  # dh's two parts times W's first (_vdot), dh's first times W's second
+        dx = _vdot(dh, hp[3], HPREC) + _dot16(dh.to(tl.bfloat16), hp[4])
     else:
         dx = tl.dot(dh, hp[0], input_precision=HPREC)
     return dx
