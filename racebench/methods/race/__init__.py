@@ -39,17 +39,19 @@ def race_attention(q, k, v, planes, *, beta, causal=False, normalize="paper", ep
     impl: "triton" = the fused kernels (fused.py; CUDA, or the CPU under TRITON_INTERPRET=1), "cpp" = the
     native CPU kernels for the non-causal core (native.py; fp32/fp64, built on first use; causal inputs run the
     PyTorch core), "torch" = the PyTorch core (lean.py), "auto" = triton for CUDA inputs the kernels take
-    (fp32/bf16/fp16, S <= 64, D <= 256) when Triton is installed, cpp for CPU inputs its kernels take where
-    they build, else torch.
+    (fp32/bf16/fp16, S <= 64, D <= 256) when Triton is installed, cpp for non-causal CPU inputs its kernels
+    take where they build, else torch.
     """
     _validate(q, k, v, planes, beta, normalize)
     if impl not in IMPLS:
         raise UsageError(f"impl must be one of {', '.join(IMPLS)}, not {impl!r}")
-    if impl == "auto":
+    if impl == "auto":  # picks only what can run these inputs
         if q.is_cuda:
             impl = "triton" if HAS_TRITON and _fused().unsupported_reason(q, planes) is None else "torch"
-        else:
-            impl = "cpp" if native.unsupported_reason(q, planes) is None else "torch"
+        else:  # the native kernels are the non-causal core (as the registry's choice, _race_impl)
+            impl = "cpp" if not causal and native.unsupported_reason(q, planes) is None else "torch"
+    elif impl == "cpp" and (why := native.unsupported_reason(q, planes)) is not None:
+        raise UsageError(f"impl='cpp': {why}")
     if impl == "triton":
         if not HAS_TRITON:
             raise UsageError("impl='triton' needs the triton package (pip install triton)")
@@ -57,8 +59,6 @@ def race_attention(q, k, v, planes, *, beta, causal=False, normalize="paper", ep
             raise UsageError("impl='triton' runs on CUDA tensors (on the CPU only under TRITON_INTERPRET=1)")
         return _fused().race_fused(q, k, v, planes, beta=beta, causal=causal, normalize=normalize, eps=eps)
     if impl == "cpp":
-        if (why := native.unsupported_reason(q, planes)) is not None:
-            raise UsageError(f"impl='cpp': {why}")
         return race_lean(q, k, v, planes, beta=beta, causal=causal, normalize=normalize, eps=eps, ops=native)
     return race_lean(q, k, v, planes, beta=beta, causal=causal, normalize=normalize, eps=eps)
 
