@@ -4,23 +4,25 @@
 # kernels), the device's ceilings, the kernels' launch options timed and the fastest kept
 # (benchmarks/tune_kernels.py), the paper-protocol sweep
 # (B=1, H=4, D=128, bf16, non-causal, fwd+bwd) of race, race-torch, race-paper, flash, linear and performer from
-# 2^12 to each method's threshold (race's OOM threshold refined to 5%), a causal sweep of race against flash
-# for their crossover, then plots, reports and the README's GPU targets, all under $OUT.
+# 2^12 to each method's threshold (race's OOM threshold, under the device's whole memory, refined to 5%), a
+# causal sweep of race against flash for their crossover, then plots, reports and the README's GPU targets, and
+# last the native test suites with the time that is left, all under $OUT.
 #
 #   OUT=/tmp/gpu scripts/gpu-check.sh        # or: make gpu-check (OUT defaults to results/gpu-check)
-# Through the device tool, which hands back a limited number of files: write elsewhere and pack it into $OUT,
-#   OUT=/tmp/gc bash scripts/gpu-check.sh | tail -60; tar czf $OUT/gpu-check.tgz -C /tmp gc
+# Through the device tool, which hands back a limited number of files: write elsewhere and have the script pack
+# it after every stage (PACK), so that whatever stops the run, what was measured comes back,
+#   D=$OUT; OUT=/tmp/gc PACK=$D/gpu-check.tgz bash scripts/gpu-check.sh
 #
 # Each stage runs under its own time limit (seconds below) so one slow stage cannot starve the rest; a sweep
 # stopped by its limit still leaves a valid run (racebench finishes its table on SIGTERM).
 # A dry run of the plumbing on a CPU (the kernels on Triton's interpreter):
-#   DEVICE=cpu MAX_LEN=2^14 CAUSAL_MAX_LEN=2^12 OUT=/tmp/dry scripts/gpu-check.sh
+#   DEVICE=cpu MAX_LEN=2^14 OTHERS_MAX_LEN=2^14 CAUSAL_MAX_LEN=2^12 OUT=/tmp/dry scripts/gpu-check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-results/gpu-check}
 PY=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}
-MAX_LEN=${MAX_LEN:-2^24}
+MAX_LEN=${MAX_LEN:-2^26}  # past the floor-limited length of a 141 GB H200 (2^24.3), so race meets its OOM
 CAUSAL_MAX_LEN=${CAUSAL_MAX_LEN:-2^20}
 OTHERS_MAX_LEN=${OTHERS_MAX_LEN:-2^22}
 [ "$DEVICE" = cuda ] || export TRITON_INTERPRET=1
@@ -40,6 +42,11 @@ stage() {  # stage NAME LIMIT_S COMMAND...: the command's output goes to $OUT/NA
     rc=$?
     echo "   exit $rc after $((SECONDS - t0)) s"
     tail -n 4 "$OUT/$name.log" | sed 's/^/   /'
+    pack
+}
+pack() {  # everything so far into $PACK, replaced whole (a run cut off by its caller keeps the last stage's)
+    [ -n "${PACK:-}" ] || return 0
+    tar czf "$PACK.part" -C "$(dirname "$OUT")" "$(basename "$OUT")" && mv "$PACK.part" "$PACK"
 }
 
 SWEEP=("$PY" -m racebench sweep --device "$DEVICE" --dtype bf16 -B 1 -H 4 -D 128 --warmup 1 --repeats 3)
@@ -51,29 +58,27 @@ stage ceilings 30 "$PY" benchmarks/ceilings.py --device "$DEVICE" --json "$OUT/c
 # Native compiles dominate the tests: spread them over workers where pytest-xdist is there.
 XDIST=()
 "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 8)
-stage smoke 60 "$PY" benchmarks/gpu_smoke.py --device "$DEVICE" --T 4096
+# The kernels against the PyTorch core, every variant the sweeps launch compiled, and the 64-bit strides of the
+# longest points checked on periodic inputs (a 2^24-token head: 30 GB; the interpreter takes a short one).
+LARGE_T=2^24
+[ "$DEVICE" = cuda ] || LARGE_T=8192
+stage smoke 90 "$PY" benchmarks/gpu_smoke.py --device "$DEVICE" --T 4096 --large-T "$LARGE_T"
 # Launch options timed per kernel; the sweeps below run with the fastest that match the defaults' results
 # (run.json records them). TUNE=0 skips this and keeps the defaults.
 if [ "${TUNE:-1}" = 1 ]; then
     TUNE_ARGS=(--T 2^20 --causal-T 2^18)
     [ "$DEVICE" = cuda ] || TUNE_ARGS=(--T 200 --causal-T 130 --repeats 1)
-    stage tune 90 "$PY" benchmarks/tune_kernels.py --device "$DEVICE" "${TUNE_ARGS[@]}" --json "$OUT/tune.json" \
+    stage tune 75 "$PY" benchmarks/tune_kernels.py --device "$DEVICE" "${TUNE_ARGS[@]}" --json "$OUT/tune.json" \
         --write-config "$OUT/kernel-config.json"
     [ -s "$OUT/kernel-config.json" ] && export RACEBENCH_KERNEL_CONFIG=$OUT/kernel-config.json
 fi
-stage sweep-race 90 "${SWEEP[@]}" --methods race "${NONCAUSAL[@]}" --max-len "$MAX_LEN" --time-budget 20s --refine 0.05 \
-    --out "$OUT/paper-gpu-race"
+# The OOM threshold against the device's memory (the issue's floor-limited length), not the default 90% budget.
+stage sweep-race 120 "${SWEEP[@]}" --methods race "${NONCAUSAL[@]}" --max-len "$MAX_LEN" --time-budget 30s \
+    --memory-budget 100% --refine 0.05 --out "$OUT/paper-gpu-race"
 stage sweep-others 110 "${SWEEP[@]}" --methods race-torch,race-paper,flash,linear,performer "${NONCAUSAL[@]}" \
     --max-len "$OTHERS_MAX_LEN" --time-budget 10s --out "$OUT/paper-gpu-others"
-stage sweep-causal 50 "${SWEEP[@]}" --causal --methods race,flash --min-len 2^10 --max-len "$CAUSAL_MAX_LEN" \
+stage sweep-causal 60 "${SWEEP[@]}" --causal --methods race,flash --min-len 2^10 --max-len "$CAUSAL_MAX_LEN" \
     --growth 4 --time-budget 15s --out "$OUT/causal-gpu"
-# The engine's CUDA paths (clocks after the device, the budget, CUDA OOM, the SDPA backends): a few points.
-stage tests-engine 40 "$PY" -m pytest -q tests/test_cuda_engine.py
-# Last among the measurements: native compiles of every tested variant take minutes; the smoke stage has
-# already compared the kernels with the PyTorch core at the sweeps' shapes.
-# Every CUDA method first, then the kernels' tests in file order (the launch-option ones, each a new compile, last).
-stage tests 100 "$PY" -m pytest -q "${XDIST[@]}" \
-    tests/test_methods.py::test_method_on_cuda_matches_float64_reference tests/test_race_triton.py
 stage plots 20 "$PY" -m racebench plot "$OUT/paper-gpu-race" "$OUT/paper-gpu-others" --out "$OUT/plots/paper-gpu"
 stage plots-causal 10 "$PY" -m racebench plot "$OUT/causal-gpu" --out "$OUT/plots/causal-gpu"
 for run in paper-gpu-race paper-gpu-others causal-gpu; do
@@ -81,5 +86,12 @@ for run in paper-gpu-race paper-gpu-others causal-gpu; do
 done
 stage targets 10 "$PY" benchmarks/gpu_targets.py "$OUT/paper-gpu-race" "$OUT/paper-gpu-others" \
     --ceilings "$OUT/ceilings.json" --at 2^22
+# The engine's CUDA paths (clocks after the device, the budget, CUDA OOM, the SDPA backends): a few points.
+stage tests-engine 40 "$PY" -m pytest -q tests/test_cuda_engine.py
+# Last, with whatever time is left: native compiles of every tested variant take minutes, and the smoke stage
+# has already compared the kernels with the PyTorch core at the sweeps' shapes.
+# Every CUDA method first, then the kernels' tests in file order (the launch-option ones, each a new compile, last).
+stage tests 300 "$PY" -m pytest -q "${XDIST[@]}" \
+    tests/test_methods.py::test_method_on_cuda_matches_float64_reference tests/test_race_triton.py
 cat "$OUT/targets.log"
 echo "== done in $((SECONDS - START)) s; everything is under $OUT"
