@@ -2,14 +2,15 @@
 time is read after the device has finished (so it cannot undercut the memory traffic), peak memory is the
 caching allocator's, the memory budget is enforced below the device's own size, a CUDA out-of-memory is recorded
 as such and stops longer lengths, and FlashAttention runs through SDPA's flash backend (flash-attn's when
-importable), beside the cuDNN and memory-efficient backends."""
+importable), beside the cuDNN and memory-efficient backends; the protocol's loss makes no fp32 copy of a bf16
+output."""
 
 import pytest
 import torch
 
 from racebench.bench.runner import run_sweep
 from racebench.bench.spec import build_spec
-from racebench.bench.worker import measure_point
+from racebench.bench.worker import SumLoss, measure_point
 from racebench.methods.registry import HAS_FLASH_ATTN
 from racebench.results.store import load_run
 
@@ -75,3 +76,16 @@ def test_cuda_attention_backends_run(method):
     if method == "flash":
         assert row["impl"] == ("flash_attn.flash_attn_func" if HAS_FLASH_ATTN else "sdpa-flash")
     assert row["peak_mem_bytes"] > 0
+
+
+def test_cuda_protocol_loss_reads_bf16_output_without_an_fp32_copy():
+    """The protocol's loss on a bf16 output allocates next to nothing: no fp32 copy of any piece (each copy of a
+    64M-element piece would take 256 MiB and move five times the output's bytes in the timed step)."""
+    out = (torch.rand(2**27, device="cuda") + 0.5).bfloat16()  # two pieces; a sum far from 0, checked to 1e-5
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    loss = SumLoss.apply(out)
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - before < 2**20
+    assert abs(loss.item() - out.double().sum().item()) <= 1e-5 * out.double().sum().item()
