@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import pandas as pd
 
 from racebench.bench.units import parse_length
-from racebench.results.store import load_run
+from racebench.errors import UsageError
+from racebench.results.store import load_meta, load_run
 from racebench.results.summary import thresholds
 
 BYTE_PASSES = 11
@@ -86,9 +88,22 @@ def main() -> None:
     parser.add_argument("--ceilings", required=True, help="JSON written by benchmarks/ceilings.py --json")
     parser.add_argument("--at", default="2^22", help="length for the time targets (default 2^22)")
     args = parser.parse_args()
-    with open(args.ceilings) as f:
-        ceilings = json.load(f)
-    print(targets(args.runs, ceilings, parse_length(args.at)))
+    try:
+        with open(args.ceilings) as f:
+            ceilings = json.load(f)
+        # A run a cut-off check never wrote is left out, and said so; the figures it would give print as missing.
+        runs = []
+        for run in args.runs:
+            try:
+                load_meta(run)
+                runs.append(run)
+            except UsageError as exc:
+                print(f"left out: {exc}")
+        if not runs:
+            raise UsageError("none of the runs given is a racebench run")
+        print(targets(runs, ceilings, parse_length(args.at)))
+    except (OSError, ValueError, UsageError) as exc:
+        sys.exit(f"gpu_targets: {exc}")
 
 
 if __name__ == "__main__":

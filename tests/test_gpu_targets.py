@@ -1,0 +1,43 @@
+"""benchmarks/gpu_targets.py: the issue's three GPU targets computed from a run's rows and the device's ceilings,
+on the H200 check's committed runs (their figures recomputed from the rows, not copied), and a run that a
+cut-off check never wrote left out with a line saying so instead of a traceback."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN = ROOT / "results" / "h200-gpu-check-1"
+SCRIPT = ROOT / "benchmarks" / "gpu_targets.py"
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("gpu_targets", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_targets_from_the_h200_runs():
+    ceilings = json.loads((RUN / "ceilings.json").read_text())
+    table = _module().targets([str(RUN / "paper-gpu-race"), str(RUN / "paper-gpu-others")], ceilings, 2**22)
+    # Device memory / 7 H D 2 bytes; the longest completed length and the first failure from the refined sweep.
+    limit = 150109880320 / (7 * 4 * 128 * 2)
+    assert f"20,834,816 / {limit:,.0f} = {20834816 / limit:.3f} (first failure 21,757,312: OOM)" in table
+    # 11 passes over a [1, 4, 2^22, 128] bf16 tensor at the measured copy bandwidth, against race's median.
+    move_ms = 11 * 4 * 2**22 * 128 * 2 / ceilings["copy_bytes_per_s"] * 1e3
+    assert f"= {move_ms:.2f} ms) | 31.72 ms / {move_ms:.2f} ms = {31.717346 / move_ms:.2f}x" in table
+    assert f"94.17 ms / 31.72 ms = {94.167528 / 31.717346:.2f}x" in table  # race-paper / race, same run
+
+
+def test_a_missing_run_is_left_out_without_a_traceback(tmp_path):
+    args = [sys.executable, str(SCRIPT), str(RUN / "paper-gpu-race"), str(tmp_path / "never-written"),
+            "--ceilings", str(RUN / "ceilings.json")]
+    proc = subprocess.run(args, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "left out:" in proc.stdout and "never-written" in proc.stdout
+    assert "race-paper / race at T = 4,194,304 | missing (no ok point)" in proc.stdout
+    proc = subprocess.run(args[:2] + [str(tmp_path / "never-written")] + args[4:], capture_output=True, text=True)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and "gpu_targets:" in proc.stderr
