@@ -38,11 +38,12 @@ def protocol_step(xs, planes, causal=False):
     return [o.detach()] + [x.grad for x in xs]
 
 
-def periodic_error(T: int, dev, planes, block: int = 4096) -> list[float]:
-    """Relative difference of a step on a block repeated T / block times from the block's own step, per tensor."""
+def periodic_error(T: int, dev, planes, block: int = 4096, tile=lambda x, times: x.repeat(1, 1, times, 1)):
+    """Relative difference of a step on a block repeated T / block times (`tile`) from the block's own step, per
+    tensor."""
     base = [torch.randn(1, 1, block, 128, device=dev, dtype=torch.bfloat16) for _ in range(3)]
     small = protocol_step(base, planes)
-    large = protocol_step([x.repeat(1, 1, T // block, 1) for x in base], planes)
+    large = protocol_step([tile(x, T // block) for x in base], planes)
     errs = []
     for big, ref in zip(large, small):
         ref = ref.reshape(block, -1).float()
