@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU check and timing of racebench in one run of about 8 minutes, on a machine where nothing can be
+# Every GPU check and timing of racebench in one run of under 10 minutes, on a machine where nothing can be
 # installed (torch and triton present): the native GPU tests (the engine's CUDA paths, the methods, the
 # kernels), the device's ceilings, the kernels' launch options timed and the fastest kept
 # (benchmarks/tune_kernels.py), the paper-protocol sweep
