@@ -1,5 +1,7 @@
+import importlib.util
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +10,17 @@ import torch
 # so it has to be set before any test imports it. On a CUDA machine the same tests run natively.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str):
+    """The script benchmarks/NAME.py as a module (benchmarks/ is a folder of scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -3,21 +3,14 @@ the block's own output and gradient rows (RACE's normalization cancels the repea
 interpreter at short lengths (the GPU check runs it at 2^24, where the row strides become 64-bit), with fresh
 random inputs; and inputs that are not periodic must fail it."""
 
-import importlib.util
-from pathlib import Path
-
 import torch
+from conftest import load_benchmark
 
 from racebench import make_planes
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def _smoke():
-    spec = importlib.util.spec_from_file_location("gpu_smoke", ROOT / "benchmarks" / "gpu_smoke.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("gpu_smoke")
 
 
 def test_a_repeated_block_gives_the_blocks_rows():

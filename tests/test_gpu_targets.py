@@ -2,27 +2,20 @@
 on the H200 check's committed runs (their figures recomputed from the rows, not copied), and a run that a
 cut-off check never wrote left out with a line saying so instead of a traceback."""
 
-import importlib.util
 import json
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-RUN = ROOT / "results" / "h200-gpu-check-1"
-SCRIPT = ROOT / "benchmarks" / "gpu_targets.py"
+from conftest import BENCHMARKS, load_benchmark
 
-
-def _module():
-    spec = importlib.util.spec_from_file_location("gpu_targets", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+RUN = BENCHMARKS.parent / "results" / "h200-gpu-check-1"
+SCRIPT = BENCHMARKS / "gpu_targets.py"
 
 
 def test_targets_from_the_h200_runs():
     ceilings = json.loads((RUN / "ceilings.json").read_text())
-    table = _module().targets([str(RUN / "paper-gpu-race"), str(RUN / "paper-gpu-others")], ceilings, 2**22)
+    runs = [str(RUN / "paper-gpu-race"), str(RUN / "paper-gpu-others")]
+    table = load_benchmark("gpu_targets").targets(runs, ceilings, 2**22)
     # Device memory / 7 H D 2 bytes; the longest completed length and the first failure from the refined sweep.
     limit = 150109880320 / (7 * 4 * 128 * 2)
     assert f"20,834,816 / {limit:,.0f} = {20834816 / limit:.3f} (first failure 21,757,312: OOM)" in table

@@ -1,16 +1,13 @@
 """Launch options of the Triton kernels (racebench/methods/race/launch.py) and how benchmarks/tune_kernels.py
 chooses them; no kernel runs here (tests/test_race_triton.py runs the kernels under non-default options)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from conftest import load_benchmark
 
 from racebench.errors import UsageError
 from racebench.methods.race import launch
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_defaults_and_overrides():
@@ -56,10 +53,7 @@ def test_configuration_file(tmp_path, monkeypatch):
 
 
 def _tuner():
-    spec = importlib.util.spec_from_file_location("tune_kernels", ROOT / "benchmarks" / "tune_kernels.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("tune_kernels")
 
 
 def _row(causal, config, kernels, total, error=0.0, label=None):
