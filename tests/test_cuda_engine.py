@@ -8,6 +8,7 @@ output."""
 import pytest
 import torch
 
+from racebench.bench import runner
 from racebench.bench.runner import run_sweep
 from racebench.bench.spec import build_spec
 from racebench.bench.worker import SumLoss, measure_point
@@ -59,7 +60,8 @@ def test_cuda_memory_budget_is_enforced_and_oom_recorded():
 
 
 def test_cuda_sweep_records_oom_and_skips_longer_lengths(tmp_path):
-    """The same through the sweep: each point in a spawned child process, as every sweep on CUDA runs."""
+    """The same through the sweep: each point in a child forked from racebench's server, as CUDA sweeps run."""
+    assert runner._context("cuda").get_start_method() == "forkserver"  # forked children can use CUDA here
     s = spec(methods="softmax-naive", lengths="2^10,2^14,2^15", memory_budget="1GiB")
     run_sweep(s, tmp_path / "run")
     meta, df = load_run(tmp_path / "run")
@@ -67,6 +69,7 @@ def test_cuda_sweep_records_oom_and_skips_longer_lengths(tmp_path):
     assert "out of memory" in df.error.iloc[1].lower()
     assert meta["environment"]["gpu"] == torch.cuda.get_device_name(0)
     assert meta["spec"]["memory_budget_bytes"] == 2**30
+    assert meta["point_start_method"] == "forkserver"
 
 
 @pytest.mark.parametrize("method", ["flash", "sdpa-efficient", "sdpa-cudnn"])

@@ -1,6 +1,7 @@
 """The sweep engine at tiny sizes: statuses, isolation, budgets, resume, the results schema."""
 
 import json
+import os
 import platform
 
 import pytest
@@ -35,6 +36,7 @@ def test_ok_points_and_results_schema(tmp_path):
     assert (race.race_P == 3).all() and (race.race_normalize == "paper").all()
     assert list(df[df.method == "linformer"].status) == ["unsupported"] * 2
     assert "no causal variant" in df[df.method == "linformer"].error.iloc[0]
+    assert meta["point_start_method"] == "forkserver"
     for key in ("schema_version", "racebench_version", "git_sha", "torch", "cpu", "cpu_cores", "ram_bytes",
                 "hostname", "utc_time"):
         assert key in meta["environment"]
@@ -190,11 +192,17 @@ def test_protocol_loss_is_the_published_one_without_temporaries(dtype):
     assert seen == [(0, 0, 0, 0)] and torch.equal(x.grad, torch.full_like(x, 3))
 
 
-def test_cuda_points_spawn_and_cpu_points_fork_from_a_server():
-    """CUDA cannot be used in a forked child once the parent has touched it (seen on an H100: every CUDA point
-    failed with "Cannot re-initialize CUDA in forked subprocess"), so CUDA points start fresh interpreters."""
-    assert runner._context("cuda").get_start_method() == "spawn"
+def test_points_fork_from_a_server_and_cuda_points_spawn_where_forks_cannot_use_it(monkeypatch):
+    """CUDA cannot be used in a child forked from a process that has initialized it (seen on an H100: every CUDA
+    point failed with "Cannot re-initialize CUDA in forked subprocess"): CUDA points fork only where a forked child
+    has been seen to use CUDA (tests/test_cuda_engine.py checks that it can on a GPU), else they spawn."""
     assert runner._context("cpu").get_start_method() == "forkserver"
+    assert runner._forked_children_use_cuda() == torch.cuda.is_available()  # the probe runs CUDA for real
+    monkeypatch.setattr(runner, "_forked_children_use_cuda", lambda: False)
+    assert runner._context("cuda").get_start_method() == "spawn"
+    monkeypatch.setattr(runner, "_forked_children_use_cuda", lambda: True)
+    assert runner._context("cuda").get_start_method() == "forkserver"
+    assert os.environ[runner._NVML_CHECK] == "1"  # the server asks NVML, not cuInit, whether CUDA is there
 
 
 _TIMING_ALLOCATOR = """

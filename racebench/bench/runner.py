@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import multiprocessing as mp
+import os
 import signal
 import sys
 import time
@@ -13,24 +15,47 @@ from pathlib import Path
 
 from racebench.bench.environment import collect_environment
 from racebench.bench.spec import SweepSpec
-from racebench.bench.worker import child_main, point_row
+from racebench.bench.worker import child_main, cuda_probe, point_row
 from racebench.methods.registry import get_method, list_methods
 from racebench.results.store import RunStore
 
 FAILURES = ("oom", "timeout")
+_NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
 # Seconds a child gets beyond the time budget to start and to hand its result back.
 _GRACE_S = 15.0
 
 
 def _context(device: str):
-    """CPU: forkserver, children fork from a clean server that has imported torch once (fast starts) and started
-    no threads. CUDA: spawn, a fresh interpreter per point: importing racebench asks torch whether CUDA is there,
-    which on some machines initializes it, and CUDA cannot be used again in a forked child."""
-    if device == "cuda":
-        return mp.get_context("spawn")
+    """Children fork from a server that has imported torch and racebench once and started no threads: fast starts
+    (a fresh interpreter per CUDA point took about 4 s on an H200, most of a short point's wall time). CUDA cannot
+    be used in a child forked from a process that has initialized it ("Cannot re-initialize CUDA in forked
+    subprocess", every point of an H100 run), and importing racebench asks torch whether CUDA is there: the server
+    asks through NVML, which leaves CUDA alone. Where a forked child still cannot use CUDA (no NVML: torch falls
+    back to cuInit), CUDA points start fresh interpreters (spawn)."""
+    os.environ.setdefault(_NVML_CHECK, "1")  # read by the server, a fresh interpreter started on first use
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["racebench.bench.worker"])
+    if device == "cuda" and not _forked_children_use_cuda():
+        return mp.get_context("spawn")
     return ctx
+
+
+@functools.cache
+def _forked_children_use_cuda() -> bool:
+    """Once per process: whether a child of the fork server can initialize CUDA."""
+    ctx = mp.get_context("forkserver")
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=cuda_probe, args=(send,))
+    proc.start()
+    send.close()
+    try:
+        ok = recv.poll(120) and recv.recv()
+    except (EOFError, OSError):
+        ok = False
+    if proc.is_alive():
+        proc.kill()
+    proc.join()
+    return bool(ok)
 
 
 def run_child(spec: SweepSpec, method: str, T: int) -> dict:
@@ -124,8 +149,10 @@ def run_sweep(spec: SweepSpec, out: Path, *, resume: bool = False, command: str 
         meta.setdefault("resumed", []).append(collect_environment()["utc_time"])
         store.write_meta(meta)
     else:
-        store = RunStore.create(out, {"run_id": out.name, "command": command, "spec": spec.to_dict(),
-                                      "environment": collect_environment()})
+        meta = {"run_id": out.name, "command": command, "spec": spec.to_dict(), "environment": collect_environment()}
+        if measure is run_child:  # how each point's process starts: forked from racebench's server, or spawned
+            meta["point_start_method"] = _context(spec.device).get_start_method()
+        store = RunStore.create(out, meta)
     done = {(r["method"], int(r["T"])): r for r in store.rows()}
     report = progress or (lambda method, T, row: None)
 

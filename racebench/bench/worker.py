@@ -194,3 +194,15 @@ def child_main(conn, spec_dict: dict, method: str, T: int) -> None:
     row = measure_point(SweepSpec.from_dict(spec_dict), method, T)
     conn.send(row)
     conn.close()
+
+
+def cuda_probe(conn) -> None:
+    """Whether CUDA can be used in this child (runner.py starts CUDA points like it)."""
+    try:
+        torch.zeros(1, device="cuda").add_(1)
+        torch.cuda.synchronize()
+        ok = True
+    except Exception:  # "Cannot re-initialize CUDA in forked subprocess", no driver, no device
+        ok = False
+    conn.send(ok)
+    conn.close()
