@@ -65,7 +65,9 @@ def targets(runs: list[str], ceilings: dict, at: int) -> str:
     floor = 7 * H * D * elt * B
     if len(th) and th.iloc[0].max_ok_T:
         ok, fail = int(th.iloc[0].max_ok_T), th.iloc[0].fail_T
-        totals = (("device memory", env.get("gpu_memory_bytes")), ("memory budget", spec["memory_budget_bytes"]))
+        device, budget = env.get("gpu_memory_bytes"), spec["memory_budget_bytes"]
+        totals = ((("device memory = memory budget", device),) if device == budget else
+                  (("device memory", device), ("memory budget", budget)))
         for what, total in totals:
             if total:
                 limit = total / floor

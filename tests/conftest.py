@@ -11,6 +11,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Under pytest-xdist every worker would otherwise run a thread per core: on a 16-core GPU machine with 12 workers,
+# spinning threads made a float64 reference that takes 0.4 s alone take 160 s.
+if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 

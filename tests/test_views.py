@@ -16,7 +16,8 @@ runner = CliRunner()
 ENV = {"COLUMNS": "200"}
 
 
-def fixture_run(path, *, scale=1.0, mem_scale=1.0, race_fails_at=None):
+def fixture_run(path, *, scale=1.0, mem_scale=1.0, race_fails_at=None, methods="race,flash,linear",
+                memory_budget="1GiB"):
     """A run whose points come from a model of each method (linear or quadratic time), not a measurement."""
     def model(spec, method, T):
         quadratic = method == "flash"
@@ -32,8 +33,8 @@ def fixture_run(path, *, scale=1.0, mem_scale=1.0, race_fails_at=None):
                 "peak_mem_bytes": mem_scale * floor * (1.1 if method == "race" else 3.0),
                 "error": None if status == "ok" else f"{status} here"}
 
-    spec = build_spec(methods="race,flash,linear", lengths="1K,2K,4K,8K,16K", heads="4", head_dim="16",
-                      time_budget="1h", memory_budget="1GiB")
+    spec = build_spec(methods=methods, lengths="1K,2K,4K,8K,16K", heads="4", head_dim="16",
+                      time_budget="1h", memory_budget=memory_budget)
     run_sweep(spec, path, measure=model)
     return path
 
@@ -83,6 +84,19 @@ def test_plot_two_runs_share_a_figure(run_dir, tmp_path):
     assert "2 devices or runs" in ax.get_title() and "cpu:base" not in ax.get_title()
     methods = next(c for c in ax.get_children() if isinstance(c, matplotlib.legend.Legend))
     assert "race (cpu:other)" in [t.get_text().split("  ")[0] for t in methods.get_texts()]
+
+
+def test_runs_that_split_one_devices_methods_share_its_name(tmp_path):
+    """gpu-check's two non-causal runs: race alone under a 100% budget, the others under the default."""
+    race = fixture_run(tmp_path / "race", methods="race", memory_budget="2GiB")
+    others = fixture_run(tmp_path / "others", methods="flash,linear")
+    figs = make_figures([load_run(race), load_run(others)])
+    ax = figs["time"].axes[0]
+    methods = next(c for c in ax.get_children() if isinstance(c, matplotlib.legend.Legend))
+    assert [t.get_text().split("  ")[0] for t in methods.get_texts()] == ["race", "flash", "linear"]
+    assert "cpu," in ax.get_title() and "devices or runs" not in ax.get_title()
+    gids = {line.get_gid() for line in figs["memory"].axes[0].lines}
+    assert {"budget:cpu, race", "budget:cpu, others"} <= gids  # each run's own budget, named
 
 
 def test_report_markdown(run_dir, tmp_path):

@@ -127,10 +127,12 @@ def memory_figure(df: pd.DataFrame, budgets: dict[str, int]):
     if not floor.empty:
         ax.plot(floor["T"], floor["floor_bytes"] / 2**30, "k--", lw=1.5, label="floor: q, k, v, o, dq, dk, dv",
                 gid="floor")
-    for device, budget in budgets.items():
+    # Largest first, labels alternately above and below their lines: two close budgets' labels stay apart.
+    for i, (device, budget) in enumerate(sorted(budgets.items(), key=lambda item: -item[1])):
         ax.axhline(budget / 2**30, color="red", lw=1, ls=":", gid=f"budget:{device}")
         ax.annotate(f"memory budget ({device}): {format_bytes(budget)}", (0.99, budget / 2**30),
-                    xycoords=("axes fraction", "data"), fontsize=8, color="red", va="bottom", ha="right")
+                    xycoords=("axes fraction", "data"), fontsize=8, color="red", va="top" if i % 2 else "bottom",
+                    ha="right")
     ax.set_ylabel("peak memory, inputs included (GiB)")
     ax.set_title(_title("Peak memory against context length", df))
     ax.legend(fontsize=8, loc="center left")
@@ -174,14 +176,28 @@ def context_figure(df: pd.DataFrame):
 
 
 def make_figures(frames: list[tuple[dict, pd.DataFrame]]) -> dict[str, plt.Figure]:
-    if len({meta["spec"]["device"] for meta, _ in frames}) < len(frames):
-        # Runs on the same device are told apart by run id.
+    pairs = [set(zip(f.method, f.device)) for _, f in frames]
+    if sum(map(len, pairs)) > len(set().union(*pairs)):
+        # A method measured on one device in several runs: its curves are told apart by run id. (Runs that
+        # split the methods of one device, as scripts/gpu-check.sh does, share the device's name.)
         frames = [(meta, f.assign(device=f.device + ":" + meta["run_id"])) for meta, f in frames]
     df = pd.concat([f for _, f in frames], ignore_index=True)
-    budgets = {}
+    return {"time": time_figure(df), "memory": memory_figure(df, _budgets(frames)), "context": context_figure(df)}
+
+
+def _budgets(frames) -> dict[str, int]:
+    """Memory budget by device, or by device and run where the runs on one device had different budgets."""
+    by_device: dict[str, dict[str, int]] = {}
     for meta, f in frames:
-        budgets[f.device.iloc[0] if len(f) else meta["spec"]["device"]] = meta["spec"]["memory_budget_bytes"]
-    return {"time": time_figure(df), "memory": memory_figure(df, budgets), "context": context_figure(df)}
+        device = f.device.iloc[0] if len(f) else meta["spec"]["device"]
+        by_device.setdefault(device, {})[meta["run_id"]] = meta["spec"]["memory_budget_bytes"]
+    budgets = {}
+    for device, runs in by_device.items():
+        if len(set(runs.values())) == 1:
+            budgets[device] = next(iter(runs.values()))
+        else:
+            budgets |= {f"{device}, {run}": budget for run, budget in runs.items()}
+    return budgets
 
 
 def save_figures(frames: list[tuple[dict, pd.DataFrame]], out_dir: Path, fmt: str = "png") -> list[Path]:
