@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
-# Every GPU check and timing of racebench in one run of under 8 minutes, on a machine where nothing can be
-# installed (torch and triton present): the native GPU tests (the engine's CUDA paths, the methods, the
-# kernels), the device's ceilings, the kernels' launch options timed and the fastest kept
+# Every GPU check and timing of racebench in one run of under 8 minutes (333 s on an H200), on a machine where
+# nothing can be installed (torch and triton present): the device's ceilings, the kernels' launch options timed and the fastest kept
 # (benchmarks/tune_kernels.py), the paper-protocol sweep
 # (B=1, H=4, D=128, bf16, non-causal, fwd+bwd) of race, race-torch, race-paper, flash, linear and performer from
 # 2^12 to each method's threshold (race's OOM threshold, under the device's whole memory, refined to 5%), a
 # causal sweep of race against flash for their crossover, then plots, reports and the README's GPU targets, and
-# last the native test suites with the time that is left, all under $OUT.
+# last the native GPU tests (the engine's CUDA paths, the methods, the kernels), all under $OUT.
 #
 #   OUT=/tmp/gpu scripts/gpu-check.sh        # or: make gpu-check (OUT defaults to results/gpu-check)
 # Through the device tool, which hands back a limited number of files: write elsewhere and have the script pack
@@ -17,7 +16,7 @@
 # cannot starve the rest; a sweep stopped by its limit still leaves a valid run (racebench finishes its table on
 # SIGTERM). STAGES="sweep-race sweep-others tests" runs only the stages named (a rerun of what a cut-off run owes);
 # without the tune stage the sweeps take the launch options RACEBENCH_KERNEL_CONFIG names, if any (e.g. the file
-# results/h200-gpu-check-1/kernel-config.json).
+# results/h200-gpu-check-2/kernel-config.json).
 # A dry run of the plumbing on a CPU (the kernels on Triton's interpreter):
 #   DEVICE=cpu MAX_LEN=2^14 OTHERS_MAX_LEN=2^14 CAUSAL_MAX_LEN=2^12 OUT=/tmp/dry scripts/gpu-check.sh
 set -uo pipefail
@@ -94,9 +93,8 @@ stage targets 10 "$PY" benchmarks/gpu_targets.py "$OUT/paper-gpu-race" "$OUT/pap
     --ceilings "$OUT/ceilings.json" --at 2^22
 # The engine's CUDA paths (clocks after the device, the budget, CUDA OOM, the SDPA backends): a few points.
 stage tests-engine 30 "$PY" -m pytest -q -p no:benchmark tests/test_cuda_engine.py
-# Last, with whatever time is left: native compiles of every tested variant take minutes, and the smoke stage
-# has already compared the kernels with the PyTorch core at the sweeps' shapes.
-# Every CUDA method first, then the kernels' tests in file order (the launch-option ones, each a new compile, last).
+# Last, so that a slow compile cannot cost a measurement (87 s on the H200, mostly compiles; the smoke stage has
+# already compared the kernels with the PyTorch core at the sweeps' shapes). Every CUDA method first, then the kernels' tests in file order (the launch-option ones, each a new compile, last).
 stage tests 300 "$PY" -m pytest -q -p no:benchmark --durations=15 "${XDIST[@]}" \
     tests/test_methods.py::test_method_on_cuda_matches_float64_reference tests/test_race_triton.py
 [ -f "$OUT/targets.log" ] && cat "$OUT/targets.log"
