@@ -1,6 +1,8 @@
 """Every registered method against a float64 reference of its own definition: outputs and gradients."""
 
 import math
+import sys
+import types
 
 import pytest
 import torch
@@ -134,3 +136,25 @@ def test_cuda_methods_unavailable_without_cuda():
     assert get_method("sdpa-efficient").availability() == "needs CUDA"
     with pytest.raises(UnavailableError, match="needs CUDA"):
         build_method("race", BuildConfig(1, 1, 8, 16, device="cuda"))
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_flash_takes_flash_attn_where_importable(monkeypatch, check_close, causal):
+    """flash-attn is installed on no machine these tests run on: a stand-in with its signature and [B, T, H, D]
+    layout checks that the adapter hands it that layout and the causal flag, and hands back [B, H, T, D]."""
+    from racebench.methods import softmax
+
+    seen = []
+
+    def flash_attn_func(q, k, v, causal=False):
+        seen.append((tuple(q.shape), causal))
+        o = softmax_reference(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal)
+        return o.transpose(1, 2)
+
+    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_func=flash_attn_func))
+    monkeypatch.setattr(softmax, "HAS_FLASH_ATTN", True)
+    cfg = BuildConfig(B=2, H=3, T=37, D=16, dtype=torch.float64, device="cuda", causal=causal)
+    assert get_method("flash").impl(cfg) == "flash_attn.flash_attn_func"  # what each row records
+    check_close(softmax._flash_attn_build(cfg), lambda q, k, v: softmax_reference(q, k, v, causal),
+                *qkv(2, 3, 37, 16), tol=1e-12)
+    assert seen[0] == ((2, 37, 3, 16), causal)
