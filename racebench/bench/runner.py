@@ -43,53 +43,50 @@ def _context(device: str):
 @functools.cache
 def _forked_children_use_cuda() -> bool:
     """Once per process: whether a child of the fork server can initialize CUDA."""
-    ctx = mp.get_context("forkserver")
-    recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=cuda_probe, args=(send,))
-    proc.start()
-    send.close()
-    try:
-        ok = recv.poll(120) and recv.recv()
-    except (EOFError, OSError):
-        ok = False
-    if proc.is_alive():
-        proc.kill()
-    proc.join()
+    ok, _, _ = _call_in_child(mp.get_context("forkserver"), cuda_probe, (), 120)
     return bool(ok)
 
 
-def run_child(spec: SweepSpec, method: str, T: int) -> dict:
-    """Measure one point in its own process; a crash, a hang or a signal becomes the point's status."""
-    ctx = _context(spec.device)
+def _call_in_child(ctx, target, args: tuple, timeout_s: float):
+    """Run target(conn, *args) in a child process of `ctx` and wait up to timeout_s for what it sends on conn:
+    (what it sent or None, whether the wait timed out, the child's exit code). The child is gone on return."""
     recv, send = ctx.Pipe(duplex=False)
     # Not a daemon: a --nproc point starts its ranks from it. It dies with this process (die_with_parent).
-    proc = ctx.Process(target=child_main, args=(send, spec.to_dict(), method, T))
-    start = time.perf_counter()
+    proc = ctx.Process(target=target, args=(send, *args))
     proc.start()
     send.close()
-    row, timed_out = None, False
+    value, timed_out = None, False
     try:
-        timed_out = not recv.poll(spec.time_budget_s + _GRACE_S)  # a dead child reads as EOF at once
-        row = None if timed_out else recv.recv()
+        timed_out = not recv.poll(timeout_s)  # a dead child reads as EOF at once
+        value = None if timed_out else recv.recv()
     except (EOFError, OSError):
-        row = None
+        value = None
     finally:
-        if proc.is_alive() and row is None:
+        if proc.is_alive() and value is None:
             proc.kill()
         proc.join(5)
         if proc.is_alive():
             proc.kill()
             proc.join()
+    return value, timed_out, proc.exitcode
+
+
+def run_child(spec: SweepSpec, method: str, T: int) -> dict:
+    """Measure one point in its own process; a crash, a hang or a signal becomes the point's status."""
+    ctx = _context(spec.device)  # (the first CUDA call probes the fork server: not the point's time)
+    start = time.perf_counter()
+    row, timed_out, exitcode = _call_in_child(ctx, child_main, (spec.to_dict(), method, T),
+                                              spec.time_budget_s + _GRACE_S)
     wall = time.perf_counter() - start
     if row is None:
         if timed_out:
             row = point_row(spec, method, T, status="timeout",
                             error=f"killed after the {spec.time_budget_s:g} s time budget")
-        elif proc.exitcode is not None and proc.exitcode < 0:
-            name = signal.Signals(-proc.exitcode).name
+        elif exitcode is not None and exitcode < 0:
+            name = signal.Signals(-exitcode).name
             row = point_row(spec, method, T, status="error", error=f"child killed by {name}")
         else:
-            row = point_row(spec, method, T, status="error", error=f"child exited with code {proc.exitcode}")
+            row = point_row(spec, method, T, status="error", error=f"child exited with code {exitcode}")
     row.pop("traceback", None)
     return row | {"point_wall_s": round(wall, 3)}
 
