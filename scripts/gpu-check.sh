@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check and timing of racebench in one run of under 8 minutes (333 s on an H200), on a machine where
-# nothing can be installed (torch and triton present): the device's ceilings, the kernels' launch options timed and the fastest kept
-# (benchmarks/tune_kernels.py), the paper-protocol sweep
+# nothing can be installed (torch and triton present): the device's ceilings, the kernels' launch options timed
+# and the fastest kept (benchmarks/tune_kernels.py), the paper-protocol sweep
 # (B=1, H=4, D=128, bf16, non-causal, fwd+bwd) of race, race-torch, race-paper, flash, linear and performer from
 # 2^12 to each method's threshold (race's OOM threshold, under the device's whole memory, refined to 5%), a
 # causal sweep of race against flash for their crossover, then plots, reports and the README's GPU targets, and
@@ -93,8 +93,9 @@ stage targets 10 "$PY" benchmarks/gpu_targets.py "$OUT/paper-gpu-race" "$OUT/pap
     --ceilings "$OUT/ceilings.json" --at 2^22
 # The engine's CUDA paths (clocks after the device, the budget, CUDA OOM, the SDPA backends): a few points.
 stage tests-engine 30 "$PY" -m pytest -q -p no:benchmark tests/test_cuda_engine.py
-# Last, so that a slow compile cannot cost a measurement (87 s on the H200, mostly compiles; the smoke stage has
-# already compared the kernels with the PyTorch core at the sweeps' shapes). Every CUDA method first, then the kernels' tests in file order (the launch-option ones, each a new compile, last).
+# Last, so that slow native compiles cannot cost a measurement (87 s on the H200; the smoke stage has already
+# compared the kernels with the PyTorch core at the sweeps' shapes). Every CUDA method first, then the kernels'
+# tests in file order (the launch-option ones, each a new compile, last).
 stage tests 300 "$PY" -m pytest -q -p no:benchmark --durations=15 "${XDIST[@]}" \
     tests/test_methods.py::test_method_on_cuda_matches_float64_reference tests/test_race_triton.py
 [ -f "$OUT/targets.log" ] && cat "$OUT/targets.log"
