@@ -1,4 +1,5 @@
-# racebench: `make run` (install + default sweep + plots), `make test` (install + pytest), `make lint`.
+# racebench: `make run` (install + default sweep + plots), `make test` (install + pytest; `make test-fast` leaves
+# out the slow tests), `make lint`.
 # Everything installs into a project-local virtual environment, .venv/.
 # TORCH is the torch requirement installed first; the default is the CPU build of 2.13 (taken from the
 # local wheel cache where there is one), so pip never pulls a multi-GB CUDA build onto a CPU machine.
@@ -10,7 +11,7 @@ TORCH ?= torch==2.13.0
 PIP_FLAGS ?= -q --disable-pip-version-check
 BIN := $(VENV)/bin
 
-.PHONY: install run test lint bench-race bench-race-alloc bench-race-2e20 gpu-check clean
+.PHONY: install run test test-fast lint bench-race bench-race-alloc bench-race-2e20 gpu-check clean
 
 install:
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +24,9 @@ run: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: install
 	$(BIN)/ruff check racebench tests benchmarks
@@ -42,7 +46,7 @@ bench-race: install
 		--out results/bench-race-threshold-$(STAMP)
 
 # race against race-paper with glibc (the engine's default) and with a jemalloc that reuses freed memory
-# (apt-get install libjemalloc2): how much of the difference is fresh memory (benchmarks/README.md).
+# (apt-get install libjemalloc2): how much of the difference is fresh memory (docs/cpu-kernels.md).
 JEMALLOC ?= /usr/lib/x86_64-linux-gnu/libjemalloc.so.2
 JEMALLOC_CONF := MALLOC_CONF=oversize_threshold:1,background_thread:true,metadata_thp:auto,dirty_decay_ms:-1,muzzy_decay_ms:-1
 ALLOC_BENCH := $(BIN)/racebench sweep --methods race,race-paper --lengths 2^18,2^19 --warmup 2 --repeats 3 \

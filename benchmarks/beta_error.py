@@ -1,6 +1,6 @@
 """How far `race` is from exact angular attention (gamma = P) as beta and L move, on clustered inputs.
 
-    python benchmarks/beta_error.py            # prints a markdown table (the README quotes it)
+    python benchmarks/beta_error.py            # prints a markdown table (docs/choosing-beta.md quotes it)
 
 Error = ||race - angular|| / ||angular - mean(v)||: the estimate's error relative to how far exact attention
 moves away from uniform averaging (the signal). Inputs: B=1, H=4, T=1024, D=128, q and k drawn around 16

@@ -1,4 +1,5 @@
-"""The two ceilings of a device for the RACE roofline (benchmarks/README.md): GEMM rate and copy bandwidth.
+"""The two ceilings of a device for the RACE roofline (docs/cpu-kernels.md, docs/gpu-results.md): GEMM rate and
+copy bandwidth.
 
     python benchmarks/ceilings.py                    # this CPU, fp32
     python benchmarks/ceilings.py --device cuda --json ceilings.json   # the GPU, bf16 GEMM

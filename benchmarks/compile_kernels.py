@@ -38,7 +38,7 @@ from triton.runtime import jit
 from racebench.bench.worker import SumLoss
 from racebench.methods.race import DEFAULT_L, DEFAULT_P, kernels, make_planes
 from racebench.methods.race.fused import race_fused
-from racebench.methods.registry import DTYPES
+from racebench.methods.registry import torch_dtype
 
 H100_SHARED_BYTES = 232_448  # the most shared memory one block may use on sm_90 (227 KiB)
 TARGET = GPUTarget("cuda", 90, 32)
@@ -79,7 +79,7 @@ def captured_launches():
 def launched(io_type: str, grad: str) -> list[dict]:
     """Every kernel launch of a forward and backward of race in `io_type`, causal and not, both normalizations,
     with the output gradient `grad` ("broadcast": the protocol's loss; "dense"); main() keeps one of each."""
-    dtype = DTYPES[io_type]
+    dtype = torch_dtype(io_type)
     planes = make_planes(DEFAULT_L, DEFAULT_P, SHAPE[-1])
     found: list[dict] = []
     for causal in (False, True):

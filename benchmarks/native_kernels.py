@@ -5,7 +5,7 @@ every output already touched, so what is timed is the kernels' arithmetic and me
     python benchmarks/native_kernels.py --T 2^16 --D 64
 
 Minimum of --repeats calls of each function after one warm-up call; the protocol's broadcast output gradient.
-Their sum times 4 is the arithmetic of one fwd+bwd at H = 4; the multiply-adds per token are in benchmarks/README.md.
+Their sum times 4 is the arithmetic of one fwd+bwd at H = 4; the multiply-adds per token are in docs/cpu-kernels.md.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from racebench.bench.parallel_worker import shard_bounds
 from racebench.bench.units import format_bytes, parse_length
 from racebench.methods.race import DEFAULT_BETA, make_planes
 from racebench.methods.race import parallel as sp
-from racebench.methods.registry import DTYPES
+from racebench.methods.registry import DTYPES, torch_dtype
 
 
 def main() -> None:
@@ -41,7 +41,7 @@ def main() -> None:
     device = "cuda" if cuda else "cpu"
     T = parse_length(args.tokens)
     lo, hi = shard_bounds(T, world)[rank : rank + 2]
-    q, k, v = (torch.randn(1, args.heads, hi - lo, args.head_dim, device=device, dtype=DTYPES[args.dtype],
+    q, k, v = (torch.randn(1, args.heads, hi - lo, args.head_dim, device=device, dtype=torch_dtype(args.dtype),
                            requires_grad=True) for _ in range(3))
     planes = make_planes(3, 3, args.head_dim, seed=0).to(device)
 

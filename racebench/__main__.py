@@ -1,3 +1,3 @@
-from racebench.cli import app
+from racebench.cli import main
 
-app(prog_name="racebench")
+main()

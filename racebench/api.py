@@ -1,34 +1,64 @@
-"""Library functions behind the CLI commands."""
+"""The library surface: everything the CLI does, as functions (racebench exports them too).
+
+Nothing here imports torch at import time; a sweep loads it when it starts."""
 
 from __future__ import annotations
 
 import datetime as dt
 from pathlib import Path
 
-from racebench.bench.runner import ProgressFn, run_sweep
-from racebench.bench.spec import SweepSpec
 from racebench.errors import UsageError
-from racebench.results.store import RunStore, load_meta
+from racebench.methods.registry import DTYPES, load_plugins
+from racebench.results.store import load_meta, load_run
 
 RESULTS_DIR = Path("results")
+PLOTS_DIR = Path("plots")
+__all__ = ["DTYPES", "load_plugins", "methods", "environment", "sweep_spec", "resumed_spec", "new_run_dir", "sweep",
+           "latest_run", "load_run", "plot", "report", "report_markdown", "compare"]
 
 
-def new_run_dir(spec: SweepSpec, root: Path = RESULTS_DIR) -> Path:
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return root / f"{spec.preset}-{spec.device}-{stamp}"
+def methods(plugins=()) -> list:
+    """Every registered method's record (after loading the plugin files given)."""
+    from racebench.methods.registry import list_methods
+
+    load_plugins(plugins)
+    return list_methods()
 
 
-def resumed_spec(out: Path | None) -> SweepSpec:
+def environment() -> dict:
+    """What every run records of this machine and its software (run.json's "environment")."""
+    from racebench.bench.environment import collect_environment
+
+    return collect_environment()
+
+
+def sweep_spec(**options):
+    """A validated SweepSpec from the sweep's options as the CLI names them (None = not given); see build_spec."""
+    from racebench.bench.spec import build_spec
+
+    return build_spec(**options)
+
+
+def resumed_spec(out: Path | None):
     """The spec stored in the run folder `out`, for --resume."""
+    from racebench.bench.spec import SweepSpec
+
     if out is None:
         raise UsageError("--resume needs --out: the folder of the run to continue")
     return SweepSpec.from_dict(load_meta(out)["spec"])
 
 
-def sweep(spec: SweepSpec, out: Path, *, resume: bool = False, command: str = "",
-          progress: ProgressFn | None = None) -> RunStore:
-    """Run a sweep into `out`; with resume, continue the run stored there (spec from resumed_spec(out))."""
-    return run_sweep(spec, out, resume=resume, command=command, progress=progress)
+def new_run_dir(spec, root: Path = RESULTS_DIR) -> Path:
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return root / f"{spec.preset}-{spec.device}-{stamp}"
+
+
+def sweep(spec, out: Path, *, resume: bool = False, command: str = "", progress=None):
+    """Run a sweep into `out` and return its RunStore; with resume, continue the run stored there (spec from
+    resumed_spec(out)). `progress(method, T, row)` is called before (row None) and after each point."""
+    from racebench.bench.runner import run_sweep
+
+    return run_sweep(spec, Path(out), resume=resume, command=command, progress=progress)
 
 
 def latest_run(root: Path = RESULTS_DIR) -> Path:
@@ -36,3 +66,54 @@ def latest_run(root: Path = RESULTS_DIR) -> Path:
     if not runs:
         raise UsageError(f"no runs under {root}/: run `racebench sweep` first")
     return runs[-1]
+
+
+def plot(runs: list[Path] | None = None, *, out: Path | None = None, fmt: str = "png") -> list[Path]:
+    """Draw the figures of one or more runs (default: the latest) into `out` (default plots/<run-ids>)."""
+    from racebench.views.plots import FORMATS, save_figures
+
+    if fmt not in FORMATS:
+        raise UsageError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    frames = [load_run(p) for p in (runs or [latest_run()])]
+    out = out or PLOTS_DIR / "+".join(meta["run_id"] for meta, _ in frames)
+    return save_figures(frames, out, fmt)
+
+
+def _report_input(run: Path | None, at: str | None):
+    from racebench.bench.units import parse_lengths
+    from racebench.views.report import default_lengths
+
+    meta, df = load_run(run or latest_run())
+    return meta, df, parse_lengths(at) if at else default_lengths(df)
+
+
+def report(run: Path | None = None, *, at: str | None = None):
+    """(run.json, the per-method summary table) of a run (default: the latest), at the lengths `at`."""
+    from racebench.views.report import summary_frame
+
+    meta, df, lengths = _report_input(run, at)
+    return meta, summary_frame(df, lengths)
+
+
+def report_markdown(run: Path | None = None, *, at: str | None = None) -> str:
+    from racebench.views.report import to_markdown
+
+    return to_markdown(*_report_input(run, at))
+
+
+def compare(baseline: Path, candidate: Path, *, max_slowdown: str = "10%", max_memory_growth: str = "5%"):
+    """(matched points with ratios and verdicts, failure sentences) of a candidate run against a baseline run.
+    Limits are tolerated growths: '10%' or '1.1x'."""
+    from racebench.bench.units import parse_growth
+    from racebench.methods.registry import knob_columns
+    from racebench.results.compare import compare_runs
+
+    limits = [parse_growth(max_slowdown, option="--max-slowdown"),
+              parse_growth(max_memory_growth, option="--max-memory-growth")]
+    (base_meta, base), (cand_meta, cand) = load_run(baseline), load_run(candidate)
+    knobs = [*knob_columns(), *base_meta.get("knob_columns", []), *cand_meta.get("knob_columns", [])]
+    table, failures = compare_runs(base, cand, max_slowdown=limits[0], max_memory_growth=limits[1],
+                                   knob_columns=knobs)
+    if table.empty:
+        raise UsageError("the two runs share no point (method, knobs, shape, dtype, device and length)")
+    return table, failures

@@ -23,3 +23,7 @@ class RunFailedError(RacebenchError):
     """A run started but could not finish (exit code 1)."""
 
     exit_code = 1
+
+
+class PluginError(UsageError):
+    """A method plugin that cannot be loaded: an import error, a duplicate name, a malformed record."""

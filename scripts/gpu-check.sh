@@ -4,7 +4,7 @@
 # and the fastest kept (benchmarks/tune_kernels.py), the paper-protocol sweep
 # (B=1, H=4, D=128, bf16, non-causal, fwd+bwd) of race, race-torch, race-paper, flash, linear and performer from
 # 2^12 to each method's threshold (race's OOM threshold, under the device's whole memory, refined to 5%), a
-# causal sweep of race against flash for their crossover, then plots, reports and the README's GPU targets, and
+# causal sweep of race against flash for their crossover, then plots, reports and the GPU targets of docs/gpu-results.md, and
 # last the native GPU tests (the engine's CUDA paths, the methods, the kernels), all under $OUT.
 #
 #   OUT=/tmp/gpu scripts/gpu-check.sh        # or: make gpu-check (OUT defaults to results/gpu-check)

@@ -24,9 +24,15 @@ def test_targets_from_the_h200_runs():
     runs = [str(RUN / "paper-gpu-race"), str(RUN / "paper-gpu-others")]
     race, paper = median_ms("paper-gpu-race", "race", 2**22), median_ms("paper-gpu-others", "race-paper", 2**22)
     table = load_benchmark("gpu_targets").targets(runs, ceilings, 2**22)
-    # Device memory / 7 H D 2 bytes; the longest completed length and the first failure from the refined sweep.
-    limit = 150109880320 / (7 * 4 * 128 * 2)
-    assert f"20,834,816 / {limit:,.0f} = {20834816 / limit:.3f} (first failure 21,757,312: OOM)" in table
+    # Device memory / 7 H D 2 bytes; the longest completed length and the first failure of the refined sweep, all
+    # read from the run itself.
+    meta, df = load_run(RUN / "paper-gpu-race")
+    limit = meta["environment"]["gpu_memory_bytes"] / (7 * 4 * 128 * 2)
+    rows = df[df.method == "race"]
+    ok = int(rows[rows.status == "ok"]["T"].max())
+    fail = int(rows[rows.status == "oom"]["T"].min())
+    assert fail > ok and ok / limit > 0.9
+    assert f"{ok:,} / {limit:,.0f} = {ok / limit:.3f} (first failure {fail:,}: OOM)" in table
     assert table.count("floor-limited length") == 1  # its budget was the device's whole memory: one row
     # 11 passes over a [1, 4, 2^22, 128] bf16 tensor at the measured copy bandwidth, against race's median.
     move_ms = 11 * 4 * 2**22 * 128 * 2 / ceilings["copy_bytes_per_s"] * 1e3

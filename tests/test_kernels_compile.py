@@ -21,6 +21,7 @@ UNIT_STRIDES = {"state_kernel": {"skd", "svd"}, "out_kernel": {"sqd", "sod"}, "d
                 "causal_dkv_kernel": {"sd", "sgd"}}
 
 
+@pytest.mark.slow  # minutes on 2 cores; `make test` and CI run it, `pytest -m "not slow"` leaves it out
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_kernels_compile_for_h100(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -3,6 +3,7 @@
 import json
 import os
 import platform
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,10 +13,12 @@ from racebench.bench.environment import collect_environment
 from racebench.bench.runner import run_child, run_sweep
 from racebench.bench.spec import build_spec
 from racebench.bench.worker import SumLoss
-from racebench.results.store import COLUMNS, load_run
+from racebench.results.schema import columns
+from racebench.results.store import load_run
 from racebench.results.summary import thresholds
 
 SMALL = dict(heads="1", head_dim="16", warmup="1", repeats="2")
+FAULTS = str(Path(__file__).parent / "plugins" / "engine_faults.py")  # test-crash and test-nan
 
 
 def spec(**kw):
@@ -26,7 +29,8 @@ def test_ok_points_and_results_schema(tmp_path):
     s = spec(methods="race,linformer", lengths="64,256", causal=True, time_budget="60s")
     run_sweep(s, tmp_path / "run")
     meta, df = load_run(tmp_path / "run")
-    assert list(df.columns[: len(COLUMNS)]) == list(COLUMNS)
+    assert list(df.columns[: len(columns())]) == columns()
+    assert {"race_P", "race_beta", "performer_features", "linformer_k", "angular_gamma"} <= set(columns())
     race = df[df.method == "race"]
     assert list(race.status) == ["ok", "ok"]
     assert (race.time_ms > 0).all() and (race.time_ms_min <= race.time_ms).all()
@@ -35,6 +39,8 @@ def test_ok_points_and_results_schema(tmp_path):
     assert (race.page_faults_per_pass >= 0).all()  # counted on CPU (None on CUDA)
     assert (race.race_P == 3).all() and (race.race_normalize == "paper").all()
     assert list(df[df.method == "linformer"].status) == ["unsupported"] * 2
+    assert (df[df.method == "linformer"].linformer_k == 128).all() and race.linformer_k.isna().all()
+    assert meta["knob_columns"] == ["race_P", "race_L", "race_beta", "race_M", "race_normalize", "linformer_k"]
     assert "no causal variant" in df[df.method == "linformer"].error.iloc[0]
     assert meta["point_start_method"] == "forkserver"
     for key in ("schema_version", "racebench_version", "git_sha", "torch", "cpu", "cpu_cores", "ram_bytes",
@@ -90,7 +96,7 @@ def test_predicted_timeout_is_skipped_without_running(tmp_path):
 
 
 def test_child_killed_by_signal_is_recorded():
-    row = run_child(spec(methods="race", lengths="64"), "__crash__", 64)
+    row = run_child(spec(methods="test-crash", lengths="64", plugins=[FAULTS]), "test-crash", 64)
     assert row["status"] == "error" and "SIGKILL" in row["error"]
 
 
@@ -156,24 +162,25 @@ def test_sequence_parallel_points(tmp_path):
     _, df = load_run(tmp_path / "run")
     race = df[df.method == "race"]
     assert race.status.tolist() == ["ok", "ok"] and (race.nproc == 2).all()
-    assert (race.impl == "race_attention_sp").all()
+    assert (race.impl == "sequence-parallel").all()
     # Bytes per step depend on H, S and D only, never on T: the state is what crosses between ranks.
     assert race.comm_bytes_per_step.nunique() == 1 and race.comm_bytes_per_step.iloc[0] > 0
     assert all(len(json.loads(x)) == 2 for x in race.rank_peak_mem_bytes)
     assert (race.page_faults_per_pass >= 0).all()
     linear = df[df.method == "linear"]
-    assert linear.status.tolist() == ["unsupported"] * 2 and "only race" in linear.error.iloc[0]
+    assert linear.status.tolist() == ["unsupported"] * 2
+    assert "linear has no sequence-parallel form" in linear.error.iloc[0]
 
 
 def test_nonfinite_output_is_recorded():
-    row = run_child(spec(methods="race", lengths="64"), "__nan__", 64)
+    row = run_child(spec(methods="test-nan", lengths="64", plugins=[FAULTS]), "test-nan", 64)
     assert row["status"] == "nonfinite" and "NaN" in row["error"]
 
 
 def test_sequence_parallel_rejects_what_it_cannot_run():
     s = build_spec(methods="race,linear", lengths="256", nproc=2, knobs={"race_M": 2})
     assert "race_M = 1" in s.unsupported_reason("race")
-    assert "only race" in s.unsupported_reason("linear")
+    assert "no sequence-parallel form" in s.unsupported_reason("linear")
     assert build_spec(methods="race", lengths="256", nproc=2).unsupported_reason("race") is None
 
 

@@ -43,3 +43,13 @@ def test_sizes(text, n):
 def test_bad_sizes(bad):
     with pytest.raises(UsageError):
         parse_bytes(bad, total=1000)
+
+
+def test_growth_limits_as_percentages_or_factors():
+    from racebench.bench.units import parse_growth
+
+    assert parse_growth("10%", option="--x") == 0.1 and parse_growth("150%", option="--x") == 1.5
+    assert abs(parse_growth("1.1x", option="--x") - 0.1) < 1e-12
+    for bad in ("0.9x", "ten", "10"):
+        with pytest.raises(UsageError, match="--x takes a percentage or a factor"):
+            parse_growth(bad, option="--x")

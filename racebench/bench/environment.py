@@ -14,9 +14,8 @@ import psutil
 import torch
 
 import racebench
-from racebench.methods.race import launch
-
-SCHEMA_VERSION = 1
+from racebench.methods.registry import list_methods
+from racebench.results.schema import SCHEMA_VERSION
 
 
 def _version(package: str) -> str | None:
@@ -83,10 +82,10 @@ def collect_environment() -> dict:
         # A preloaded allocator (jemalloc, tcmalloc) reuses what glibc maps fresh: CPU times of large passes move.
         "ld_preload": os.environ.get("LD_PRELOAD"),
         "malloc_conf": os.environ.get("MALLOC_CONF"),
-        # How race's Triton kernels were launched (the defaults, or RACEBENCH_KERNEL_CONFIG's file).
-        "race_kernel_launch": launch.current(),
-        "race_kernel_config_file": os.environ.get(launch.ENV),
     }
+    for method in list_methods():  # what each method records of its set-up (race: its kernels' launch options)
+        if method.environment is not None:
+            env |= method.environment()
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         env["gpu"], env["gpu_memory_bytes"] = props.name, props.total_memory

@@ -16,8 +16,6 @@ import torch.distributed as dist
 
 from racebench.bench.spec import SweepSpec
 from racebench.bench.worker import die_with_parent, measure, point_row
-from racebench.methods.race import make_planes
-from racebench.methods.race import parallel as sp
 from racebench.methods.registry import get_method
 
 
@@ -59,7 +57,7 @@ def measure_parallel(spec: SweepSpec, method: str, T: int) -> dict:
 
 
 def _merge(spec, method, T, rows, ranks) -> dict:
-    base = point_row(spec, method, T, impl="race_attention_sp", nproc=spec.nproc)
+    base = point_row(spec, method, T, impl="sequence-parallel", nproc=spec.nproc)
     bad = [r for r in rows if r["status"] != "ok"]
     if bad:
         return base | dict(status=bad[0]["status"], time_ms=bad[0].get("time_ms"),
@@ -96,11 +94,7 @@ def _rank_main(spec: SweepSpec, method: str, T: int, bounds: list[int], rank: in
     row = {"rank": rank, "T": T, "threads": torch.get_num_threads(), "status": "error",
            "error": "the rank failed before measuring"}
     try:
-        def build():  # race's own defaults fill what the sweep left out
-            k = get_method(method).effective_knobs(spec.build_config(T_local))
-            planes = make_planes(k["race_L"], k["race_P"], spec.D, seed=spec.seed).to(spec.device)
-            return lambda q, kk, v: sp.race_attention_sp(q, kk, v, planes, beta=k["race_beta"], causal=spec.causal,
-                                                         normalize=k["race_normalize"])
+        fn, sent = get_method(method).sequence_parallel(spec.build_config(T_local))
 
         def agree(stop: bool) -> bool:
             flag = torch.tensor([int(stop)], device=spec.device)
@@ -109,8 +103,8 @@ def _rank_main(spec: SweepSpec, method: str, T: int, bounds: list[int], rank: in
 
         dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=spec.nproc,
                                 timeout=dt.timedelta(seconds=spec.time_budget_s + 60))
-        row = measure(spec, row, T_local, build, start, seed=spec.seed + T + rank, agree=agree,
-                      barrier=dist.barrier, counter=lambda: sp.bytes_communicated)
+        row = measure(spec, row, T_local, lambda: fn, start, seed=spec.seed + T + rank, agree=agree,
+                      barrier=dist.barrier, counter=sent)
     finally:
         results.put(row)
         if dist.is_initialized():

@@ -16,7 +16,7 @@ from pathlib import Path
 from racebench.bench.environment import collect_environment
 from racebench.bench.spec import SweepSpec
 from racebench.bench.worker import child_main, cuda_probe, point_row
-from racebench.methods.registry import get_method, list_methods
+from racebench.methods.registry import get_method
 from racebench.results.store import RunStore
 
 FAILURES = ("oom", "timeout")
@@ -146,7 +146,9 @@ def run_sweep(spec: SweepSpec, out: Path, *, resume: bool = False, command: str 
         meta.setdefault("resumed", []).append(collect_environment()["utc_time"])
         store.write_meta(meta)
     else:
-        meta = {"run_id": out.name, "command": command, "spec": spec.to_dict(), "environment": collect_environment()}
+        meta = {"run_id": out.name, "command": command, "spec": spec.to_dict(), "environment": collect_environment(),
+                # compare matches points on these, even where the methods' plugin is not loaded
+                "knob_columns": list(dict.fromkeys(k.name for m in spec.methods for k in get_method(m).knobs))}
         if measure is run_child:  # how each point's process starts: forked from racebench's server, or spawned
             meta["point_start_method"] = _context(spec.device).get_start_method()
         store = RunStore.create(out, meta)
@@ -165,10 +167,8 @@ def run_sweep(spec: SweepSpec, out: Path, *, resume: bool = False, command: str 
         report(method, T, row)
         return row
 
-    registered = {m.name for m in list_methods()}  # (the tests' crash and NaN hooks are not)
     for method in spec.methods:  # e.g. build native kernels here, not inside a point's budget
-        if method in registered:
-            get_method(method).prepare(spec.device)
+        get_method(method).prepare(spec.device)
     try:
         for method in spec.methods:
             state = MethodState()

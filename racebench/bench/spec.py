@@ -4,34 +4,45 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import psutil
-import torch
 
 from racebench.bench.units import geometric_lengths, parse_bytes, parse_duration, parse_length, parse_lengths
-from racebench.errors import UnavailableError, UnsupportedError, UsageError
-from racebench.methods.registry import DTYPES, HAS_CUDA, BuildConfig, get_method
+from racebench.errors import UsageError
+from racebench.methods.registry import (
+    DTYPE_ALIASES,
+    BuildConfig,
+    dtype_name,
+    get_method,
+    has_cuda,
+    list_methods,
+    load_plugins,
+    torch_dtype,
+)
 
 MODES = ("fwd", "bwd", "fwd+bwd")
-SEQUENCE_PARALLEL = ("race",)  # methods that run across --nproc ranks
-DEFAULT_METHODS = ("race", "race-paper", "flash", "linear", "performer", "linformer", "angular")
-PAPER_METHODS = ("race", "race-paper", "flash", "linear", "performer", "linformer", "angular")
 
-# Each preset fills the options the user left out.
+# Each preset fills the options the user left out; its methods are those whose record names the preset's tag.
 PRESETS: dict[str, dict[str, Any]] = {
     # The embedded default: a CPU sweep that finishes within about five minutes on 2 cores.
-    "default": dict(min_len="2^10", max_len="2^18", warmup=1, repeats=3, time_budget="20s"),
+    "default": dict(tag="default", min_len="2^10", max_len="2^18", warmup=1, repeats=3, time_budget="20s"),
     # The published protocol (RACE.md): B=1, H=4, D=128, non-causal fwd+bwd, 2 warm-up + 5 timed passes.
-    "paper-gpu": dict(methods=",".join(PAPER_METHODS), device="cuda", dtype="bf16", min_len="2^11",
-                      max_len="2^28", causal=False, mode="fwd+bwd", time_budget="5m"),
-    "paper-cpu": dict(methods=",".join(PAPER_METHODS), device="cpu", dtype="fp32", min_len="2^11",
-                      max_len="2^26", causal=False, mode="fwd+bwd", time_budget="10m"),
-    "quick": dict(methods="race,flash,linear", min_len="2^8", max_len="2^12", warmup=1, repeats=3,
-                  time_budget="30s"),
+    "paper-gpu": dict(tag="paper", device="cuda", dtype="bf16", min_len="2^11", max_len="2^28", causal=False,
+                      mode="fwd+bwd", time_budget="5m"),
+    "paper-cpu": dict(tag="paper", device="cpu", dtype="fp32", min_len="2^11", max_len="2^26", causal=False,
+                      mode="fwd+bwd", time_budget="10m"),
+    "quick": dict(tag="quick", min_len="2^8", max_len="2^12", warmup=1, repeats=3, time_budget="30s"),
     # Fixed, short points for regression gates on CI runners.
-    "ci": dict(methods="race,race-paper,flash,linear", min_len="2^12", max_len="2^16", time_budget="60s"),
+    "ci": dict(tag="ci", min_len="2^12", max_len="2^16", time_budget="60s"),
 }
+
+
+def preset_methods(preset: str) -> tuple[str, ...]:
+    """The methods a preset runs: those whose record lists the preset's tag, in registry order."""
+    tag = PRESETS[preset]["tag"]
+    return tuple(m.name for m in list_methods() if tag in m.presets)
 
 
 @dataclass(frozen=True)
@@ -54,10 +65,11 @@ class SweepSpec:
     knobs: dict[str, Any] = field(default_factory=dict)
     preset: str = "default"
     nproc: int = 1  # ranks of a sequence-parallel point, each with its own memory budget
+    plugins: tuple[str, ...] = ()  # files of users' methods, loaded by every process of the sweep
 
     @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+    def torch_dtype(self):
+        return torch_dtype(self.dtype)
 
     def input_bytes(self, T: int) -> int:
         """q, k, v: what every point allocates before the method runs."""
@@ -69,21 +81,14 @@ class SweepSpec:
         return n * self.B * self.H * T * self.D * self.torch_dtype.itemsize
 
     def build_config(self, T: int) -> BuildConfig:
-        return BuildConfig(self.B, self.H, T, self.D, self.torch_dtype, self.device, self.causal, self.seed,
-                           self.knobs)
+        return BuildConfig(self.B, self.H, T, self.D, self.dtype, self.device, self.causal, self.seed, self.knobs,
+                           self.nproc)
 
     def unsupported_reason(self, method: str) -> str | None:
-        """Why `method` cannot run in this sweep, or None. Asked by the runner before it starts a child, and by
-        the child itself, so that no caller measures a combination the method would get wrong."""
-        try:
-            get_method(method).check(self.device, self.torch_dtype, self.causal)
-        except (UnsupportedError, UnavailableError) as exc:
-            return str(exc)
-        if self.nproc > 1 and method not in SEQUENCE_PARALLEL:
-            return f"--nproc: only {', '.join(SEQUENCE_PARALLEL)} runs sequence-parallel"
-        if self.nproc > 1 and (self.knobs.get("race_M") or 1) > 1:
-            return "--nproc: sequence-parallel race runs one ensemble (race_M = 1)"
-        return None
+        """Why `method` cannot run in this sweep, or None (the method record's `supports`). Asked by the runner
+        before it starts a child, and by the child itself, so that no caller measures a combination the method
+        would get wrong."""
+        return get_method(method).supports(self.build_config(self.lengths[0]))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -93,6 +98,8 @@ class SweepSpec:
         names = {f.name for f in dataclasses.fields(cls)}
         d = {k: v for k, v in d.items() if k in names}
         d["methods"], d["lengths"] = tuple(d["methods"]), tuple(d["lengths"])
+        d["plugins"] = tuple(d.get("plugins", ()))
+        load_plugins(d["plugins"])  # a resumed sweep, a child process: the user's methods first
         return cls(**d)
 
 
@@ -109,19 +116,51 @@ def _positive_int(name: str, value: Any) -> int:
 def resolve_device(device: str) -> str:
     device = (device or "auto").lower()
     if device == "auto":
-        return "cuda" if HAS_CUDA else "cpu"
+        return "cuda" if has_cuda() else "cpu"
     if device not in ("cpu", "cuda"):
         raise UsageError(f"--device must be auto, cpu or cuda, not {device!r}")
-    if device == "cuda" and not HAS_CUDA:
+    if device == "cuda" and not has_cuda():
         raise UsageError("--device cuda: no CUDA device is available on this machine")
     return device
 
 
+def _device_memory(device: str) -> int:
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.get_device_properties(0).total_memory
+    return psutil.virtual_memory().total
+
+
 def default_memory_budget(device: str) -> int:
     if device == "cuda":
-        return int(0.9 * torch.cuda.get_device_properties(0).total_memory)
+        return int(0.9 * _device_memory(device))
     # A safe share of what is free now: the rest of the machine keeps working, the OOM killer stays asleep.
     return int(0.6 * psutil.virtual_memory().available)
+
+
+def validate_knobs(knobs: dict[str, Any], methods: tuple[str, ...]) -> dict[str, Any]:
+    """The knobs given (None = not given), each converted and checked against the records of the sweep's methods
+    that have it: a value no such method takes, or a knob none of them has, is a UsageError. A value only some of
+    them take leaves the others `unsupported`, with the reason (Method.supports)."""
+    out = {}
+    for name, value in knobs.items():
+        if value is None:
+            continue
+        declared = [k for m in methods for k in get_method(m).knobs if k.name == name]
+        option = "--" + name.replace("_", "-")
+        if not declared:
+            raise UsageError(f"{option}: no method of this sweep has the knob {name} (methods: {', '.join(methods)})")
+        errors = []
+        for knob in declared:
+            try:
+                out[name] = knob.parse(value)
+                break
+            except UsageError as exc:
+                errors.append(str(exc))
+        else:
+            raise UsageError(errors[0])
+    return out
 
 
 def build_spec(*, preset: str | None = None, methods: str | None = None, lengths: str | None = None,
@@ -130,32 +169,40 @@ def build_spec(*, preset: str | None = None, methods: str | None = None, lengths
                dtype: str | None = None, device: str | None = None, causal: bool | None = None,
                mode: str | None = None, warmup: int | None = None, repeats: int | None = None,
                time_budget: str | None = None, memory_budget: str | None = None, refine: float | None = None,
-               seed: int | None = None, knobs: dict[str, Any] | None = None, nproc: int | None = None) -> SweepSpec:
+               seed: int | None = None, knobs: dict[str, Any] | None = None, nproc: int | None = None,
+               plugins: list[str] | tuple[str, ...] | None = None) -> SweepSpec:
     """Options as the CLI gives them (None = not given) -> a validated SweepSpec."""
+    plugin_paths = tuple(str(Path(p).expanduser().resolve()) for p in plugins or ())
+    load_plugins(plugin_paths)
     name = preset or "default"
     if name not in PRESETS:
         raise UsageError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
-    given = {k: v for k, v in locals().items() if k not in ("preset", "name", "knobs") and v is not None}
+    given = {k: v for k, v in locals().items()
+             if k not in ("preset", "name", "knobs", "plugins", "plugin_paths") and v is not None}
     opts = PRESETS[name] | given
 
     device = resolve_device(opts.get("device", "auto"))
-    dtype = (opts.get("dtype") or ("bf16" if device == "cuda" else "fp32")).lower()
-    if dtype not in DTYPES:
-        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
-    if device == "cuda" and dtype == "bf16" and not torch.cuda.is_bf16_supported():
-        raise UsageError("--dtype bf16: this GPU cannot run bfloat16")
+    text = opts.get("dtype") or ("bf16" if device == "cuda" else "fp32")
+    if str(text).lower() not in DTYPE_ALIASES:
+        raise UsageError(f"--dtype must be one of {', '.join(DTYPE_ALIASES)}, not {text!r}")
+    dtype = dtype_name(text)
+    if device == "cuda" and dtype == "bf16":
+        import torch
 
-    method_names = tuple(m.strip() for m in str(opts.get("methods", ",".join(DEFAULT_METHODS))).split(","))
+        if not torch.cuda.is_bf16_supported():
+            raise UsageError("--dtype bf16: this GPU cannot run bfloat16")
+
+    if "methods" in opts:
+        method_names = tuple(m.strip() for m in str(opts["methods"]).split(",") if m.strip())
+    else:
+        method_names = preset_methods(name)
+    if not method_names:
+        raise UsageError("--methods names no method")
     for m in method_names:
         get_method(m)  # raises with the list of known methods
     if len(set(method_names)) != len(method_names):
         raise UsageError("--methods lists a method twice")
-    knobs = {k: v for k, v in (knobs or {}).items() if v is not None}
-    for knob in ("race_P", "race_L", "race_M", "race_beta"):
-        if knob in knobs and not knobs[knob] > 0:
-            raise UsageError(f"--{knob.replace('_', '-')} must be positive")
-    if knobs.get("race_normalize", "paper") not in ("paper", "bucket"):
-        raise UsageError(f"--race-normalize must be paper or bucket, not {knobs['race_normalize']!r}")
+    knobs = validate_knobs(knobs or {}, method_names)
 
     if "lengths" in opts:
         lens = parse_lengths(opts["lengths"])
@@ -169,8 +216,7 @@ def build_spec(*, preset: str | None = None, methods: str | None = None, lengths
     if refine_prec is not None and not 0 < float(refine_prec) < 1:
         raise UsageError(f"--refine is a relative precision between 0 and 1 (e.g. 0.05), not {refine_prec}")
 
-    total = (torch.cuda.get_device_properties(0).total_memory if device == "cuda"
-             else psutil.virtual_memory().total)
+    total = _device_memory(device)
     budget = (parse_bytes(opts["memory_budget"], total=total) if "memory_budget" in opts
               else default_memory_budget(device))
     spec = SweepSpec(
@@ -182,7 +228,7 @@ def build_spec(*, preset: str | None = None, methods: str | None = None, lengths
         time_budget_s=parse_duration(opts.get("time_budget", "60s")), memory_budget_bytes=budget,
         refine=float(refine_prec) if refine_prec is not None else None, seed=int(opts.get("seed", 0)),
         knobs=knobs, preset=name,
-        nproc=_positive_int("nproc", opts.get("nproc", 1)),
+        nproc=_positive_int("nproc", opts.get("nproc", 1)), plugins=plugin_paths,
     )
     if spec.nproc > 1 and spec.mode != "fwd+bwd":
         raise UsageError("--nproc measures fwd+bwd steps only")

@@ -76,6 +76,16 @@ def parse_bytes(text: str | int, *, total: int | None = None) -> int:
     return int(float(m[1]) * _SIZES[m[2]])
 
 
+def parse_growth(text: str, *, option: str) -> float:
+    """A tolerated growth: '10%' or '1.1x' -> 0.1 (any size, 150% included)."""
+    s = str(text).strip().lower().replace(" ", "")
+    if m := re.fullmatch(r"(\d+(?:\.\d+)?)%", s):
+        return float(m[1]) / 100
+    if (m := re.fullmatch(r"(\d+(?:\.\d+)?)x", s)) and float(m[1]) >= 1:
+        return float(m[1]) - 1
+    raise UsageError(f"{option} takes a percentage or a factor of at least 1, e.g. 10% or 1.1x; not {text!r}")
+
+
 def format_bytes(n: float | None) -> str:
     if n is None or n != n:
         return "-"

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import os
 import signal
 import statistics
 import time
@@ -22,10 +21,6 @@ import torch
 from racebench.bench import memory
 from racebench.bench.spec import SweepSpec
 from racebench.methods.registry import get_method
-
-# Test hooks: method names whose child kills itself with a signal, or returns NaN, to test the engine.
-_TEST_CRASH = "__crash__"
-_TEST_NAN = "__nan__"
 
 
 def die_with_parent() -> None:
@@ -39,15 +34,9 @@ def point_row(spec: SweepSpec, method: str, T: int, **fields) -> dict:
     row = dict(method=method, device=spec.device, dtype=spec.dtype, B=spec.B, H=spec.H, T=T, D=spec.D,
                causal=spec.causal, mode=spec.mode, input_bytes=spec.input_bytes(T),
                floor_bytes=spec.floor_bytes(T), repeats=0, nproc=spec.nproc)
-    row.update(effective_knobs(spec, method))
+    row.update(get_method(method).effective_knobs(spec.build_config(T)))
     row.update(fields)
     return row
-
-
-def effective_knobs(spec: SweepSpec, method: str) -> dict:
-    if method in (_TEST_CRASH, _TEST_NAN):
-        return {}
-    return get_method(method).effective_knobs(spec.build_config(1))
 
 
 class SumLoss(torch.autograd.Function):
@@ -108,10 +97,6 @@ def _finite(*tensors) -> bool:
 def measure_point(spec: SweepSpec, method: str, T: int) -> dict:
     """Run one point in this process (its ranks' processes with --nproc); returns its row."""
     start = time.perf_counter()
-    if method == _TEST_CRASH:
-        os.kill(os.getpid(), 9)
-    if method == _TEST_NAN:
-        return measure(spec, point_row(spec, method, T), T, lambda: lambda q, k, v: q * float("nan"), start)
     if (why := spec.unsupported_reason(method)) is not None:
         return point_row(spec, method, T, status="unsupported", error=why)
     if spec.nproc > 1:

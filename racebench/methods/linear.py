@@ -1,15 +1,12 @@
 """Linear-attention baselines in plain PyTorch autograd, as their papers define them: elu+1 linear
 attention (Katharopoulos et al. 2020), Performer / FAVOR+ (Choromanski et al. 2021), Linformer
-(Wang et al. 2020)."""
+(Wang et al. 2020). torch is imported inside the functions, so the records load without it."""
 
 from __future__ import annotations
 
 import math
 
-import torch
-import torch.nn.functional as F
-
-from racebench.methods.registry import BuildConfig, Method, register_method
+from racebench.methods.registry import BuildConfig, Knob, Method, register_method
 
 CHUNK = 64
 
@@ -17,6 +14,8 @@ CHUNK = 64
 def feature_attention(fq, fk, v, *, causal=False, eps=1e-6, chunk=CHUNK):
     """Linear attention with features fq, fk [B, H, T, F]: o_t = fq_t KV / (fq_t . A + eps), where
     A, KV sum over all keys (causal: keys j <= t, computed chunkwise so no [T, F, D] tensor exists)."""
+    import torch.nn.functional as F
+
     if not causal:
         kv = fk.transpose(-1, -2) @ v  # [B, H, F, D]
         den = fq @ fk.sum(-2).unsqueeze(-1)  # [B, H, T, 1]
@@ -37,12 +36,24 @@ def feature_attention(fq, fk, v, *, causal=False, eps=1e-6, chunk=CHUNK):
     return (num / (den + eps)).flatten(2, 3)[:, :, :T]
 
 
+def quadratic_attention(fq, fk, v, *, causal=False, eps=1e-6):
+    """Linear attention written as its T x T form: the reference for the chunked implementation."""
+    w = fq @ fk.transpose(-1, -2)
+    if causal:
+        w = w.tril()
+    return (w @ v) / (w.sum(-1, keepdim=True) + eps)
+
+
 def elu_features(x):
+    import torch.nn.functional as F
+
     return F.elu(x) + 1
 
 
-def orthogonal_features(m: int, D: int, *, seed: int) -> torch.Tensor:
+def orthogonal_features(m: int, D: int, *, seed: int):
     """FAVOR+ projection [m, D]: blocks of orthonormal rows, each row rescaled to a Gaussian vector's norm."""
+    import torch
+
     gen = torch.Generator().manual_seed(seed)
     blocks = [torch.linalg.qr(torch.randn(D, D, generator=gen))[0].t() for _ in range(-(-m // D))]
     norms = torch.randn(m, D, generator=gen).norm(dim=1, keepdim=True)
@@ -52,6 +63,8 @@ def orthogonal_features(m: int, D: int, *, seed: int) -> torch.Tensor:
 def favor_features(x, proj, *, is_query, stabilizer=1e-6):
     """Positive random features of the softmax kernel exp(q.k / sqrt(D)): exp(w.x' - |x'|^2/2) / sqrt(m),
     x' = x / D^(1/4), shifted by a max (per row for queries, per head for keys) that cancels in the ratio."""
+    import torch
+
     x = x * x.shape[-1] ** -0.25
     proj_x = x @ proj.to(x.dtype).t()  # [B, H, T, m]
     diag = (x * x).sum(-1, keepdim=True) / 2
@@ -59,8 +72,10 @@ def favor_features(x, proj, *, is_query, stabilizer=1e-6):
     return (torch.exp(proj_x - diag - shift.detach()) + stabilizer) / math.sqrt(proj.shape[0])
 
 
-def linformer_projections(T: int, k: int, *, seed: int) -> torch.Tensor:
+def linformer_projections(T: int, k: int, *, seed: int):
     """E and F [2, k, T], Xavier-uniform like the published benchmark's initialization."""
+    import torch
+
     bound = math.sqrt(6 / (T + k))
     gen = torch.Generator().manual_seed(seed)
     return (torch.rand(2, k, T, generator=gen) * 2 - 1) * bound
@@ -69,39 +84,70 @@ def linformer_projections(T: int, k: int, *, seed: int) -> torch.Tensor:
 def linformer_attention(q, k, v, E, Fp):
     """softmax(q (E k)^T / sqrt(D)) (F v) with sequence projections E, F [k, T]."""
     kp, vp = E.to(k.dtype) @ k, Fp.to(v.dtype) @ v  # [B, H, k, D]
-    return torch.softmax(q @ kp.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1) @ vp
+    return (q @ kp.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(dim=-1) @ vp
 
 
-def _build_linear(cfg: BuildConfig):
-    return lambda q, k, v: feature_attention(elu_features(q), elu_features(k), v, causal=cfg.causal)
+LINEAR_CHUNK = Knob("linear_chunk", int, CHUNK, "linear, performer: tokens per chunk of the causal form.",
+                    min=1, max=65536)
+FEATURES = Knob("performer_features", int, 256, "Performer: random features (FAVOR+).", min=1, max=65536)
+LINFORMER_K = Knob("linformer_k", int, 128, "Linformer: length the sequence is projected to.", min=1,
+                   max=2**24)
 
 
-def _build_performer(cfg: BuildConfig):
-    proj = orthogonal_features(cfg.knob("performer_features", 256), cfg.D, seed=cfg.seed).to(cfg.device)
-    return lambda q, k, v: feature_attention(favor_features(q, proj, is_query=True),
-                                             favor_features(k, proj, is_query=False), v, causal=cfg.causal)
+def _linear(cfg: BuildConfig, reference=False):
+    chunk = linear.effective_knobs(cfg)["linear_chunk"]
+    if reference:
+        return lambda q, k, v: quadratic_attention(elu_features(q), elu_features(k), v, causal=cfg.causal)
+    return lambda q, k, v: feature_attention(elu_features(q), elu_features(k), v, causal=cfg.causal, chunk=chunk)
 
 
-def _build_linformer(cfg: BuildConfig):
-    E, Fp = linformer_projections(cfg.T, cfg.knob("linformer_k", 128), seed=cfg.seed).to(cfg.device)
+def _performer(cfg: BuildConfig, reference=False):
+    knobs = performer.effective_knobs(cfg)
+    proj = orthogonal_features(knobs["performer_features"], cfg.D, seed=cfg.seed).to(cfg.device)
+    if reference:
+        proj = proj.double()
+
+    def attend(q, k, v):
+        fq, fk = favor_features(q, proj, is_query=True), favor_features(k, proj, is_query=False)
+        if reference:
+            return quadratic_attention(fq, fk, v, causal=cfg.causal)
+        return feature_attention(fq, fk, v, causal=cfg.causal, chunk=knobs["linear_chunk"])
+
+    return attend
+
+
+def _linformer(cfg: BuildConfig, reference=False):
+    E, Fp = linformer_projections(cfg.T, linformer.effective_knobs(cfg)["linformer_k"], seed=cfg.seed).to(cfg.device)
+    if reference:
+        E, Fp = E.double(), Fp.double()
     return lambda q, k, v: linformer_attention(q, k, v, E, Fp)
 
 
-register_method(Method(
+linear = register_method(Method(
     name="linear",
     description="Linear attention with elu(x)+1 features (Katharopoulos et al. 2020)",
-    build=_build_linear,
+    build=_linear,
+    reference=lambda cfg: _linear(cfg, reference=True),
+    knobs=(LINEAR_CHUNK,),
+    color="tab:red",
+    presets=frozenset({"default", "paper", "quick", "ci"}),
 ))
-register_method(Method(
+performer = register_method(Method(
     name="performer",
     description="Performer FAVOR+: 256 positive orthogonal random features by default",
-    build=_build_performer,
-    knobs=("performer_features",),
+    build=_performer,
+    reference=lambda cfg: _performer(cfg, reference=True),
+    knobs=(FEATURES, LINEAR_CHUNK),
+    color="tab:purple",
+    presets=frozenset({"default", "paper"}),
 ))
-register_method(Method(
+linformer = register_method(Method(
     name="linformer",
     description="Linformer: keys and values projected along the sequence to k = 128 (fixed projections)",
-    build=_build_linformer,
+    build=_linformer,
+    reference=lambda cfg: _linformer(cfg, reference=True),
+    knobs=(LINFORMER_K,),
     causal=False,
-    knobs=("linformer_k",),
+    color="tab:brown",
+    presets=frozenset({"default", "paper"}),
 ))

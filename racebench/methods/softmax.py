@@ -5,10 +5,6 @@ from __future__ import annotations
 
 import math
 
-import torch
-import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
-
 from racebench.methods.registry import (
     ALL,
     HALF,
@@ -22,6 +18,8 @@ from racebench.methods.registry import (
 
 def softmax_naive(q, k, v, *, causal=False):
     """Explicit scores [B, H, T, T]: the reference, and the method that runs out of memory first."""
+    import torch
+
     scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
     if causal:
         T = q.shape[-2]
@@ -29,10 +27,21 @@ def softmax_naive(q, k, v, *, causal=False):
     return torch.softmax(scores, dim=-1) @ v
 
 
-def _sdpa(backend):
+def _reference(cfg: BuildConfig):
+    return lambda q, k, v: softmax_naive(q, k, v, causal=cfg.causal)
+
+
+def _sdpa(backend: str):
+    """A build function running SDPA restricted to one backend (a torch.nn.attention.SDPBackend name)."""
+
     def build(cfg: BuildConfig):
+        import torch.nn.functional as F
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        chosen = getattr(SDPBackend, backend)
+
         def attend(q, k, v):
-            with sdpa_kernel(backend):
+            with sdpa_kernel(chosen):
                 return F.scaled_dot_product_attention(q, k, v, is_causal=cfg.causal)
         return attend
     return build
@@ -46,7 +55,7 @@ def _flash_attn_build(cfg: BuildConfig):
             o = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=cfg.causal)
             return o.transpose(1, 2)
         return fa2
-    return _sdpa(SDPBackend.FLASH_ATTENTION)(cfg)
+    return _sdpa("FLASH_ATTENTION")(cfg)
 
 
 def _flash3_build(cfg: BuildConfig):
@@ -60,6 +69,8 @@ def _flash3_build(cfg: BuildConfig):
 
 
 def _flash3_unavailable(device):
+    import torch
+
     if not HAS_FLASH_ATTN3:
         return "flash-attn 3 (flash_attn_interface) not installed"
     if torch.cuda.get_device_capability()[0] != 9:
@@ -71,28 +82,37 @@ register_method(Method(
     name="flash",
     description="FlashAttention: flash-attn's flash_attn_func on CUDA when installed, else SDPA's flash backend",
     build=_flash_attn_build,
-    support={"cpu": ALL, "cuda": HALF},
+    reference=_reference,
+    devices={"cpu": ALL, "cuda": HALF},
     impl=lambda cfg: "flash_attn.flash_attn_func" if cfg.device == "cuda" and HAS_FLASH_ATTN else "sdpa-flash",
+    baseline=True,
+    color="tab:green",
+    presets=frozenset({"default", "paper", "quick", "ci"}),
 ))
 register_method(Method(
     name="flash3",
     description="FlashAttention-3 (flash_attn_interface) on Hopper GPUs",
     build=_flash3_build,
-    support={"cuda": HALF},
+    reference=_reference,
+    devices={"cuda": HALF},
     unavailable=_flash3_unavailable,
     impl=lambda cfg: "flash_attn_interface.flash_attn_func",
+    color="darkgreen",
 ))
-# One SDPA backend each: (name, backend, what it is, device -> dtypes).
+# One SDPA backend each: (name, SDPBackend member, what it is, device -> dtypes, colour).
 _SDPA_ONLY = (
-    ("sdpa-efficient", SDPBackend.EFFICIENT_ATTENTION, "memory-efficient", {"cuda": ALL}),
-    ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION, "cuDNN", {"cuda": HALF}),
-    ("sdpa-math", SDPBackend.MATH, "math (unfused)", {"cpu": ALL, "cuda": ALL}),
+    ("sdpa-efficient", "EFFICIENT_ATTENTION", "memory-efficient", {"cuda": ALL}, "tab:olive"),
+    ("sdpa-cudnn", "CUDNN_ATTENTION", "cuDNN", {"cuda": HALF}, "yellowgreen"),
+    ("sdpa-math", "MATH", "math (unfused)", {"cpu": ALL, "cuda": ALL}, "tab:gray"),
 )
-for _name, _backend, _what, _support in _SDPA_ONLY:
+for _name, _backend, _what, _devices, _color in _SDPA_ONLY:
     register_method(Method(name=_name, description=f"PyTorch SDPA restricted to its {_what} backend",
-                           build=_sdpa(_backend), support=_support, impl=lambda cfg, n=_name: n))
+                           build=_sdpa(_backend), reference=_reference, devices=_devices,
+                           impl=lambda cfg, n=_name: n, color=_color))
 register_method(Method(
     name="softmax-naive",
     description="Softmax attention with explicit T x T scores (runs out of memory first)",
-    build=lambda cfg: lambda q, k, v: softmax_naive(q, k, v, causal=cfg.causal),
+    build=_reference,
+    reference=_reference,
+    color="black",
 ))

@@ -4,19 +4,38 @@ from __future__ import annotations
 
 import pandas as pd
 
-KEYS = ["method", "race_P", "race_L", "race_beta", "race_M", "race_normalize", "device", "dtype", "B", "H", "D",
-        "causal", "mode", "nproc", "T"]
+from racebench.results.schema import MATCH_COLUMNS
 
 
-def compare_runs(base: pd.DataFrame, cand: pd.DataFrame, *, max_slowdown: float, max_memory_growth: float):
+def match_keys(knob_columns) -> list[str]:
+    """What two points must share to be compared: method, every knob, shape, dtype, device, mode and length."""
+    return [MATCH_COLUMNS[0], *dict.fromkeys(knob_columns), *MATCH_COLUMNS[1:]]
+
+
+def _key(value) -> str:
+    """One spelling per value, whatever the CSV reader made of it: 3, 3.0 and '3' match; NaN and None match."""
+    if value is None or (isinstance(value, float) and value != value):
+        return "-"
+    if isinstance(value, bool):
+        return str(value)
+    try:
+        return repr(float(value))
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def compare_runs(base: pd.DataFrame, cand: pd.DataFrame, *, max_slowdown: float, max_memory_growth: float,
+                 knob_columns=()):
     """Returns (table of matched points with ratios and verdicts, list of failure sentences)."""
+    keys = match_keys(knob_columns)
+
     def prep(df):
         df = df.copy()
-        for k in KEYS:
-            df[k] = df[k].astype(str)  # NaN knobs of non-RACE methods match each other as "nan"
-        return df.drop_duplicates(KEYS, keep="last")
+        for k in keys:
+            df[k] = df[k].map(_key) if k in df else "-"  # a knob of a method only the other run has
+        return df.drop_duplicates(keys, keep="last")
 
-    m = prep(base).merge(prep(cand), on=KEYS, suffixes=("_base", "_cand"))
+    m = prep(base).merge(prep(cand), on=keys, suffixes=("_base", "_cand"))
     m["T"] = m["T"].astype(float).astype(int)
     m["time_ratio"] = m.time_ms_cand / m.time_ms_base
     m["mem_ratio"] = m.peak_mem_bytes_cand / m.peak_mem_bytes_base

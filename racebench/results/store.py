@@ -9,16 +9,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from racebench.bench.environment import SCHEMA_VERSION
 from racebench.errors import UsageError
-
-STATUSES = ("ok", "oom", "timeout", "skipped", "unsupported", "error", "nonfinite")
-REQUIRED_COLUMNS = ("method", "device", "dtype", "B", "H", "T", "D", "causal", "mode", "status")
-COLUMNS = ("run_id", "method", "impl", "race_P", "race_L", "race_beta", "race_M", "race_normalize", "device",
-           "dtype", "B", "H", "T", "D", "causal", "mode", "status", "time_ms", "time_ms_min", "time_ms_max",
-           "repeats", "tokens_per_s", "peak_mem_bytes", "peak_mem_over_inputs_bytes", "input_bytes",
-           "floor_bytes", "page_faults_per_pass", "nproc", "comm_bytes_per_step", "rank_peak_mem_bytes", "refine",
-           "threads", "error")
+from racebench.results.schema import REQUIRED_COLUMNS, SCHEMA_VERSION, columns
 
 
 @dataclass
@@ -77,10 +69,11 @@ class RunStore:
 
 def tidy(rows: list[dict]) -> pd.DataFrame:
     df = pd.DataFrame(rows)
-    for col in COLUMNS:
+    cols = columns()
+    for col in cols:
         if col not in df:
             df[col] = None
-    return df[[c for c in COLUMNS] + [c for c in df.columns if c not in COLUMNS and c != "traceback"]]
+    return df[cols + [c for c in df.columns if c not in cols and c != "traceback"]]
 
 
 def load_meta(path: Path) -> dict:
@@ -106,7 +99,7 @@ def load_run(path: Path | str) -> tuple[dict, pd.DataFrame]:
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:
         raise UsageError(f"{path}: results lack required columns {', '.join(missing)}")
-    for col in COLUMNS:  # optional columns of older runs
+    for col in columns():  # optional columns of older runs
         if col not in df.columns:
             df[col] = None
     df["nproc"] = df["nproc"].fillna(1).astype(int)  # runs before --nproc ran in one process

@@ -10,10 +10,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-from matplotlib.colors import to_rgba  # noqa: E402
+from matplotlib.colors import to_hex, to_rgba  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
 from racebench.bench.units import format_bytes, format_length  # noqa: E402
+from racebench.methods.registry import baseline_method, list_methods  # noqa: E402
 from racebench.results.summary import thresholds  # noqa: E402
 
 FORMATS = ("png", "svg", "pdf")
@@ -37,10 +38,19 @@ def growth_exponent(ok: pd.DataFrame) -> float | None:
 
 
 def _colors(df: pd.DataFrame) -> dict:
-    """One colour per (method, device), the same in every panel."""
-    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    keys = list(dict.fromkeys(zip(df.method, df.device)))
-    return {key: cycle[i % len(cycle)] for i, key in enumerate(keys)}
+    """One colour per (method, device), the same in every panel: the method record's colour for its first device,
+    then colours its record does not take (a plugin's method without one, a second device)."""
+    records = {m.name: to_hex(m.color) for m in list_methods() if m.color}
+    cycle = [to_hex(c) for c in plt.rcParams["axes.prop_cycle"].by_key()["color"]]
+    cycle = [c for c in cycle if c not in records.values()] or cycle
+    colors, used = {}, set()
+    for key in dict.fromkeys(zip(df.method, df.device)):
+        color = records.get(key[0])
+        if color is None or color in used:
+            color = next((c for c in cycle if c not in used), cycle[len(colors) % len(cycle)])
+        colors[key] = color
+        used.add(color)
+    return colors
 
 
 def _threshold_y(g: pd.DataFrame, T: int, ok: pd.DataFrame) -> float:
@@ -157,17 +167,18 @@ def context_figure(df: pd.DataFrame):
     left.set_xlabel("largest context completed (tokens)")
     left.set_title("Largest context completed")
     ok = df[df.status == "ok"]
+    base = baseline_method()
     for device, g in ok.groupby("device"):
-        flash = g[g.method == "flash"].set_index("T")["time_ms"]
-        for method, m in g[g.method != "flash"].groupby("method", sort=False):
+        ref = g[g.method == base].set_index("T")["time_ms"]
+        for method, m in g[g.method != base].groupby("method", sort=False):
             m = m.set_index("T")["time_ms"]
-            common = m.index.intersection(flash.index).sort_values()
+            common = m.index.intersection(ref.index).sort_values()
             if len(common):
-                right.plot(common, flash[common] / m[common], marker="o", ms=4, label=_label((method, device), several),
+                right.plot(common, ref[common] / m[common], marker="o", ms=4, label=_label((method, device), several),
                            color=colors[(method, device)])
     right.axhline(1, color="k", lw=1)
-    right.set_ylabel("speedup over flash (flash time / method time)")
-    right.set_title("Speedup over flash at each length")
+    right.set_ylabel(f"speedup over {base} ({base} time / method time)")
+    right.set_title(f"Speedup over {base} at each length")
     _style(right)
     if right.lines[:-1]:
         right.legend(fontsize=8)

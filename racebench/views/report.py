@@ -5,39 +5,42 @@ from __future__ import annotations
 import pandas as pd
 
 from racebench.bench.units import format_bytes, format_length, format_ms
+from racebench.methods.registry import baseline_method
 from racebench.results.summary import thresholds
 
 
 def summary_frame(df: pd.DataFrame, lengths: list[int]) -> pd.DataFrame:
-    """Per method: largest T done, threshold, cause; time, speedup over flash and peak / floor at `lengths`."""
+    """Per method: largest T done, threshold, cause; time, speedup over the baseline method (the record marked
+    baseline: flash) and peak / floor at `lengths`."""
     rows = []
     ok = df[df.status == "ok"]
+    base = baseline_method()
     for t in thresholds(df).itertuples():
         row = {"method": t.method, "device": t.device, "dtype": t.dtype, "largest T done": format_length(t.max_ok_T),
                "threshold": format_length(t.fail_T), "cause": t.cause if isinstance(t.cause, str) else "-"}
         mine = ok[(ok.method == t.method) & (ok.device == t.device)].set_index("T")
-        flash = ok[(ok.method == "flash") & (ok.device == t.device)].set_index("T")
+        ref = ok[(ok.method == base) & (ok.device == t.device)].set_index("T")
         for T in lengths:
             n = format_length(T)
             if T in mine.index:
                 p = mine.loc[T]
                 row[f"time @{n}"] = format_ms(p.time_ms)
-                row[f"vs flash @{n}"] = f"{flash.loc[T].time_ms / p.time_ms:.2g}x" if T in flash.index else "-"
+                row[f"vs {base} @{n}"] = f"{ref.loc[T].time_ms / p.time_ms:.2g}x" if T in ref.index else "-"
                 row[f"peak/floor @{n}"] = (f"{p.peak_mem_bytes / p.floor_bytes:.2f}x ({format_bytes(p.peak_mem_bytes)})"
                                            if pd.notna(p.peak_mem_bytes) else "-")
             else:
-                row[f"time @{n}"] = row[f"vs flash @{n}"] = row[f"peak/floor @{n}"] = "-"
+                row[f"time @{n}"] = row[f"vs {base} @{n}"] = row[f"peak/floor @{n}"] = "-"
         rows.append(row)
     return pd.DataFrame(rows)
 
 
 def default_lengths(df: pd.DataFrame) -> list[int]:
-    """A few lengths worth reading: the largest flash completed, and each power of 4 up to the longest done."""
+    """Lengths worth reading: the largest the baseline method completed, and the longest completed."""
     done = sorted(df[df.status == "ok"]["T"].unique())
     if not done:
         return []
-    flash = df[(df.method == "flash") & (df.status == "ok")]["T"]
-    picks = {int(flash.max())} if len(flash) else set()
+    ref = df[(df.method == baseline_method()) & (df.status == "ok")]["T"]
+    picks = {int(ref.max())} if len(ref) else set()
     picks |= {int(done[-1])}
     return sorted(picks)
 

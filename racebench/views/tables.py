@@ -4,17 +4,40 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from racebench.methods.registry import list_methods
 
-
-def methods_table(device: str | None = None) -> Table:
+def methods_table(methods, device: str | None = None) -> Table:
+    """Method records: name, description, knobs with their defaults, causality, devices, availability here."""
     table = Table(title="racebench methods", title_justify="left")
-    for col in ("method", "description", "causal", "devices", "available here"):
+    for col in ("method", "description", "knobs (default)", "masks", "devices", "available here"):
         table.add_column(col, overflow="fold")
-    for m in list_methods():
+    for m in methods:
         why = m.availability(device)
-        table.add_row(m.name, m.description, "yes" if m.causal else "no", ", ".join(m.support),
-                      "[green]yes[/]" if why is None else f"[red]no[/] ({why})")
+        knobs = "\n".join(f"{k.option} ({k.describe_default()})" for k in m.knobs) or "-"
+        masks = ", ".join(name for name, has in (("non-causal", m.noncausal), ("causal", m.causal)) if has)
+        table.add_row(m.name + (" (baseline)" if m.baseline else ""), m.description, knobs, masks,
+                      ", ".join(m.devices), "[green]yes[/]" if why is None else f"[red]no[/] ({why})")
+    return table
+
+
+def frame_table(df, title: str) -> Table:
+    """A pandas frame as a rich table, every value as text."""
+    table = Table(title=title, title_justify="left")
+    for col in df.columns:
+        table.add_column(str(col))
+    for row in df.itertuples(index=False):
+        table.add_row(*map(str, row))
+    return table
+
+
+def compare_table(df, title: str) -> Table:
+    """compare's matched points: status change, time and memory ratios, verdict."""
+    table = Table(title=title, title_justify="left")
+    for col in ("method", "T", "status", "time ratio", "memory ratio", "verdict"):
+        table.add_column(col)
+    for r in df.itertuples():
+        style = "green" if r.verdict == "ok" else "red"
+        table.add_row(r.method, str(r.T), f"{r.status_base} -> {r.status_cand}", f"{r.time_ratio:.2f}x",
+                      f"{r.mem_ratio:.2f}x", f"[{style}]{r.verdict}[/]")
     return table
 
 

@@ -18,29 +18,23 @@ import torch
 import triton
 
 from racebench.errors import UsageError
-from racebench.methods.race import FUSED_DTYPES, kernels, launch
+from racebench.methods.race import kernels, launch
 from racebench.methods.race.hashing import corners
+from racebench.methods.race.implementations import triton_limits
 from racebench.methods.race.lean import exclusive_cumsum, reverse_exclusive_cumsum
+from racebench.methods.registry import dtype_name
 
 TILE = 64  # the unit of non-causal ranges; each kernel's own tile (BT, launch.py) divides it
 CHUNK = 64  # tokens per exact causal chunk
 # Tokens per causal range at most: the saved entering states cost S * D / MAX_SPAN floats per token, and the
 # bucket backward's scratch S * D * MAX_SPAN / CHUNK floats per program. Non-causal ranges are not capped.
 MAX_SPAN = 1024
-MAX_FEATURES = 64  # 128 needs 232 KiB of shared memory in the causal kernels, over an H100's 227
-MAX_D = 256
 
 
 def unsupported_reason(q, planes) -> str | None:
     """Why the kernels cannot run these inputs, or None."""
     L, P, D = planes.shape
-    if q.dtype not in FUSED_DTYPES:
-        return f"the Triton kernels take fp32, bf16 or fp16, not {q.dtype}"
-    if L * 2**P > MAX_FEATURES:
-        return f"the Triton kernels take up to {MAX_FEATURES} features (L * 2**P), not {L * 2**P}"
-    if D > MAX_D:
-        return f"the Triton kernels take D <= {MAX_D}, not {D}"
-    return None
+    return triton_limits(dtype_name(q.dtype), D, L, P)
 
 
 def race_fused(q, k, v, planes, *, beta, causal=False, normalize="paper", eps=1e-6):

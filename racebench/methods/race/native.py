@@ -13,9 +13,9 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-import torch
+from racebench.methods.race.implementations import native_limits
+from racebench.methods.registry import dtype_name
 
-DTYPES = (torch.float32, torch.float64)
 _SOURCE = Path(__file__).parent / "csrc" / "race_cpu.cpp"
 
 
@@ -43,17 +43,12 @@ def build_error() -> str | None:
     return _build()[1]
 
 
-def supports(dtype, L: int, P: int) -> bool:
-    return dtype in DTYPES and L * P <= 64 and L * 2**P <= 512 and P <= 9
-
-
 def unsupported_reason(q, planes) -> str | None:
     """None when the kernels take these inputs (building them on first use), else why not."""
     L, P, _ = planes.shape
-    if q.device.type != "cpu" or not supports(q.dtype, L, P):
-        return (f"the native kernels take fp32/fp64 CPU tensors, L*P <= 64 and L*2**P <= 512 (P <= 9); got "
-                f"{q.dtype} on {q.device.type}, L={L}, P={P}")
-    return build_error()
+    if q.device.type != "cpu":
+        return f"the native kernels take CPU tensors, not {q.device.type}"
+    return native_limits(dtype_name(q.dtype), L, P) or build_error()
 
 
 def _hash_args(cfg):

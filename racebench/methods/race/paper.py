@@ -8,16 +8,9 @@ matrix, a softmax over R, bucket normalization, and for causal inputs prefix sum
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from racebench.methods.race.hashing import corners
-
-
-def paper_beta(causal: bool, D: int) -> float:
-    """The scripts' inverse temperature: 1 in the non-causal benchmark, 1/sqrt(D) in the causal model."""
-    return 1.0 / math.sqrt(D) if causal else 1.0
 
 
 def race_paper(q, k, v, planes, *, beta, causal=False, eps=1e-6):

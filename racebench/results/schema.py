@@ -1,0 +1,24 @@
+"""The results schema: statuses and the columns of results.csv, knob columns taken from the method records."""
+
+from __future__ import annotations
+
+SCHEMA_VERSION = 1
+STATUSES = ("ok", "oom", "timeout", "skipped", "unsupported", "error", "nonfinite")
+REQUIRED_COLUMNS = ("method", "device", "dtype", "B", "H", "T", "D", "causal", "mode", "status")
+# Every knob column (race_P, performer_features, ...) stands between these two groups.
+IDENTITY_COLUMNS = ("run_id", "method", "impl")
+MEASURE_COLUMNS = ("device", "dtype", "B", "H", "T", "D", "causal", "mode", "status", "time_ms", "time_ms_min",
+                   "time_ms_max", "repeats", "tokens_per_s", "peak_mem_bytes", "peak_mem_over_inputs_bytes",
+                   "input_bytes", "floor_bytes", "page_faults_per_pass", "nproc", "comm_bytes_per_step",
+                   "rank_peak_mem_bytes", "refine", "threads", "error")
+# What else must be equal for two points to be comparable (compare.py), besides the knobs.
+MATCH_COLUMNS = ("method", "device", "dtype", "B", "H", "D", "causal", "mode", "nproc", "T")
+
+
+def columns(knobs: list[str] | None = None) -> list[str]:
+    """results.csv's leading columns, in order; `knobs` defaults to every registered method's knobs."""
+    if knobs is None:
+        from racebench.methods.registry import knob_columns
+
+        knobs = knob_columns()
+    return [*IDENTITY_COLUMNS, *knobs, *MEASURE_COLUMNS]
