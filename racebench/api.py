@@ -12,9 +12,11 @@ from racebench.methods.registry import DTYPES, load_plugins
 from racebench.results.store import load_meta, load_run
 
 RESULTS_DIR = Path("results")
+PRESET_NAMES = ("default", "paper-gpu", "paper-cpu", "quick", "ci-cpu", "ci-gpu")  # bench/spec.py's PRESETS
 PLOTS_DIR = Path("plots")
-__all__ = ["DTYPES", "load_plugins", "methods", "environment", "sweep_spec", "resumed_spec", "new_run_dir", "sweep",
-           "latest_run", "load_run", "plot", "report", "report_markdown", "compare"]
+__all__ = ["DTYPES", "PRESET_NAMES", "load_plugins", "resolve_device", "baseline_dir", "methods", "environment",
+           "sweep_spec", "resumed_spec", "new_run_dir", "sweep", "latest_run", "load_run", "plot", "report",
+           "report_markdown", "compare"]
 
 
 def methods(plugins=()) -> list:
@@ -51,6 +53,23 @@ def resumed_spec(out: Path | None):
 def new_run_dir(spec, root: Path = RESULTS_DIR) -> Path:
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     return root / f"{spec.preset}-{spec.device}-{stamp}"
+
+
+def resolve_device(device: str = "auto") -> str:
+    """'auto' -> cuda where a GPU is present, else cpu; a UsageError for a device this machine lacks."""
+    from racebench.bench.spec import resolve_device as resolve
+
+    return resolve(device)
+
+
+def baseline_dir(device: str = "auto", root: Path = RESULTS_DIR / "baselines") -> Path:
+    """Where this machine's CI baseline lives: results/baselines/<device model>, e.g. nvidia-h200."""
+    import re
+
+    device = resolve_device(device)
+    env = environment()
+    model = env["gpu"] if device == "cuda" else f"cpu {env['cpu']}"
+    return root / re.sub(r"[^a-z0-9]+", "-", str(model).lower()).strip("-")
 
 
 def sweep(spec, out: Path, *, resume: bool = False, command: str = "", progress=None):
@@ -101,19 +120,27 @@ def report_markdown(run: Path | None = None, *, at: str | None = None) -> str:
     return to_markdown(*_report_input(run, at))
 
 
-def compare(baseline: Path, candidate: Path, *, max_slowdown: str = "10%", max_memory_growth: str = "5%"):
-    """(matched points with ratios and verdicts, failure sentences) of a candidate run against a baseline run.
-    Limits are tolerated growths: '10%' or '1.1x'."""
+def compare(baseline: Path, candidate: Path, *, max_slowdown: str = "10%", max_memory_growth: str = "5%",
+            max_threshold_drop: str = "0%", allow_mismatch: bool = False):
+    """A candidate run's points against a baseline's (results.compare.Comparison). Limits are tolerated growths:
+    '10%' or '1.1x'. Runs from another device model or torch / Triton version are refused (UsageError naming the
+    difference) unless allow_mismatch, which records the differences in the comparison."""
     from racebench.bench.units import parse_growth
     from racebench.methods.registry import knob_columns
-    from racebench.results.compare import compare_runs
+    from racebench.results.compare import Limits, compare_runs, environment_differences
 
-    limits = [parse_growth(max_slowdown, option="--max-slowdown"),
-              parse_growth(max_memory_growth, option="--max-memory-growth")]
-    (base_meta, base), (cand_meta, cand) = load_run(baseline), load_run(candidate)
+    limits = Limits(parse_growth(max_slowdown, option="--max-slowdown"),
+                    parse_growth(max_memory_growth, option="--max-memory-growth"),
+                    parse_growth(max_threshold_drop, option="--max-threshold-drop"))
+    (base_meta, base), (cand_meta, cand) = load_run(baseline, samples=True), load_run(candidate, samples=True)
+    mismatches = environment_differences(base_meta, cand_meta)
+    if mismatches and not allow_mismatch:
+        raise UsageError(f"the runs are not comparable ({'; '.join(mismatches)}); --allow-mismatch compares "
+                         "them anyway")
     knobs = [*knob_columns(), *base_meta.get("knob_columns", []), *cand_meta.get("knob_columns", [])]
-    table, failures = compare_runs(base, cand, max_slowdown=limits[0], max_memory_growth=limits[1],
-                                   knob_columns=knobs)
-    if table.empty:
+    result = compare_runs(base, cand, limits=limits, knob_columns=knobs, mismatches=mismatches)
+    if not (result.points.status_base != "missing").any() or not (result.points.status_cand != "missing").any():
+        raise UsageError("one of the runs has no point")
+    if not ((result.points.status_base != "missing") & (result.points.status_cand != "missing")).any():
         raise UsageError("the two runs share no point (method, knobs, shape, dtype, device and length)")
-    return table, failures
+    return result

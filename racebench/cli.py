@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import io
 import signal
 import sys
 from pathlib import Path
@@ -16,12 +17,11 @@ import typer
 from rich.console import Console
 
 from racebench import api
-from racebench.errors import RacebenchError
+from racebench.errors import RacebenchError, UsageError
 from racebench.version import __version__
 
 console = Console()
 err_console = Console(stderr=True)
-PRESET_NAMES = ("default", "paper-gpu", "paper-cpu", "quick", "ci")
 MODES = ("fwd", "bwd", "fwd+bwd")
 Plugins = Annotated[list[Path] | None, typer.Option(
     "--plugin", help="A Python file that registers methods with racebench.register_method; repeatable.")]
@@ -53,7 +53,7 @@ def methods(plugin: Plugins = None) -> None:
 
 
 def sweep(
-    preset: Annotated[str | None, typer.Option(metavar="|".join(PRESET_NAMES), help="The options it fixes apply "
+    preset: Annotated[str | None, typer.Option(metavar="|".join(api.PRESET_NAMES), help="The options it fixes apply "
                                                "where you give none. (default: default)")] = None,
     device: Annotated[str | None, typer.Option(metavar="auto|cpu|cuda", help="auto: CUDA when present. "
                                                "(default: auto)")] = None,
@@ -153,6 +153,26 @@ def _sweep_command():
     return command
 
 
+def baseline(
+    device: Annotated[str, typer.Option(metavar="auto|cpu|cuda", help="The device to record it on.")] = "auto",
+    out: Annotated[Path | None, typer.Option(help="Run folder. (default: results/baselines/<device model>)")] = None,
+    where: Annotated[bool, typer.Option("--where", help="Print the default folder for this machine and exit.")] = False,
+) -> None:
+    """Record a CI baseline: the ci-cpu or ci-gpu preset into results/baselines/<device model>, the folder the
+    regression workflows compare against (commit it)."""
+    from racebench.views.progress import sweep_progress
+
+    device = api.resolve_device(device)
+    folder = out or api.baseline_dir(device)
+    if where:
+        console.print(str(folder), highlight=False)
+        return
+    spec = api.sweep_spec(preset=f"ci-{device}")
+    with sweep_progress(spec, console) as progress:
+        store = api.sweep(spec, folder, command="racebench " + " ".join(sys.argv[1:]), progress=progress)
+    console.print(f"baseline: {store.path} (commit it; `racebench compare {store.path} NEW` gates a change)")
+
+
 def env() -> None:
     """Print the environment that every run records in its run.json."""
     from racebench.views.tables import environment_table
@@ -194,21 +214,53 @@ def report(
 def compare(
     baseline: Annotated[Path, typer.Argument(help="Run folder of the baseline.")],
     candidate: Annotated[Path, typer.Argument(help="Run folder of the candidate.")],
-    max_slowdown: Annotated[str, typer.Option(help="Largest tolerated slowdown per point: 10% or 1.1x.")] = "10%",
-    max_memory_growth: Annotated[str, typer.Option(help="Largest tolerated peak-memory growth: 5% or 1.05x.")] = "5%",
+    max_slowdown: Annotated[str, typer.Option(help="Tolerated slowdown per point, at 95% confidence: 10% or "
+                                              "1.1x.")] = "10%",
+    max_memory_growth: Annotated[str, typer.Option(help="Tolerated peak-memory growth per point: 5% or "
+                                                   "1.05x.")] = "5%",
+    max_threshold_drop: Annotated[str, typer.Option(help="Tolerated drop of a method's largest completed "
+                                                    "length.")] = "0%",
+    allow_mismatch: Annotated[bool, typer.Option(help="Compare runs from different device models or torch / "
+                                                 "Triton versions (the output says what differs).")] = False,
+    fmt: Annotated[str, typer.Option("--format", metavar="table|markdown|json",
+                                     help="table for a terminal, markdown for a pull request, json for bots.")]
+    = "table",
+    output: Annotated[str, typer.Option(help="Write the output to this file; - is standard output.")] = "-",
 ) -> None:
-    """Gate a candidate run against a baseline: exit 1 when a matched point got slower or bigger beyond the
-    limits, or a length that completed in the baseline now fails; else exit 0."""
-    from racebench.views.tables import compare_table
+    """Gate a candidate run against a baseline: exit 1 when a point got slower (beyond its repeats' noise) or
+    bigger than the limits, a point failed or went missing, or a method's largest length fell; 0 otherwise; 2 when
+    the runs cannot be compared."""
+    from racebench.views import compare as views
 
-    table, failures = api.compare(baseline, candidate, max_slowdown=max_slowdown,
-                                  max_memory_growth=max_memory_growth)
-    console.print(compare_table(table, f"{candidate} against {baseline}"))
-    if failures:
-        for f in failures:
-            err_console.print(f"[red]regression:[/] {f}", highlight=False)
-        raise typer.Exit(1)
-    console.print("[green]no regression[/]")
+    if fmt not in views.FORMATS:
+        raise UsageError(f"--format must be one of {', '.join(views.FORMATS)}, not {fmt!r}")
+    result = api.compare(baseline, candidate, max_slowdown=max_slowdown, max_memory_growth=max_memory_growth,
+                         max_threshold_drop=max_threshold_drop, allow_mismatch=allow_mismatch)
+    if fmt == "table":
+        out = console if output == "-" else Console(file=io.StringIO(), width=160)
+        if result.mismatches:
+            out.print(f"[yellow]the runs differ:[/] {'; '.join(result.mismatches)}", highlight=False)
+        out.print(views.to_table(result, f"{candidate} against {baseline}"))
+        if output != "-":
+            write_text(output, out.file.getvalue())
+    else:
+        render = views.to_markdown if fmt == "markdown" else views.to_json
+        write_text(output, render(result, str(baseline), str(candidate)))
+    for note in result.regressions:
+        err_console.print(f"[red]regression:[/] {note}", highlight=False)
+    raise typer.Exit(1 if result.regressions else 0)
+
+
+def write_text(path: str, text: str) -> None:
+    """Write to a file, or to standard output for '-'; an unwritable path is a one-line error."""
+    if path == "-":
+        sys.stdout.write(text)
+        return
+    try:
+        Path(path).write_text(text)
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror}") from None
+    console.print(f"wrote {path}")
 
 
 def make_app() -> typer.Typer:
@@ -221,7 +273,7 @@ def make_app() -> typer.Typer:
                                                    help="Print racebench's version and exit.")] = False) -> None:
         """Benchmarks for long-context attention: RACE against FlashAttention and linear attention."""
 
-    for fn in (methods, _sweep_command(), env, plot, report, compare):
+    for fn in (methods, _sweep_command(), baseline, env, plot, report, compare):
         app.command(fn.__name__)(user_errors(fn))
     return app
 

@@ -56,10 +56,12 @@ def test_the_readme_plugin_sweeps_records_its_knob_and_compares(plugin, tmp_path
     assert sigmoid.status.tolist() == ["ok", "ok"] and (sigmoid.sigmoid_bias == -3.0).all()
     assert df[df.method == "race"].sigmoid_bias.isna().all()
     # compare matches on the plugin's knob without loading the plugin (run.json names the knob columns)
-    same, _ = racebench.compare(tmp_path / "a", tmp_path / "b", max_slowdown="1000%", max_memory_growth="1000%")
-    other, _ = racebench.compare(tmp_path / "a", tmp_path / "c", max_slowdown="1000%", max_memory_growth="1000%")
-    assert sorted(set(same.method)) == ["flash", "race", "sigmoid"]
-    assert sorted(set(other.method)) == ["flash", "race"]  # sigmoid ran with another bias: not comparable
+    same = racebench.compare(tmp_path / "a", tmp_path / "b", max_slowdown="1000%", max_memory_growth="1000%").points
+    other = racebench.compare(tmp_path / "a", tmp_path / "c", max_slowdown="1000%", max_memory_growth="1000%").points
+    matched = lambda points: set(points[(points.status_base == "ok") & (points.status_cand == "ok")].method)  # noqa: E731
+    assert matched(same) == {"flash", "race", "sigmoid"}
+    assert matched(other) == {"flash", "race"}  # sigmoid ran with another bias: not comparable
+    assert set(other[other.method == "sigmoid"].verdict) == {"missing", "new"}
 
 
 def test_the_readme_plugin_matches_its_float64_reference(plugin):

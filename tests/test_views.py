@@ -118,7 +118,7 @@ def test_compare_passes_an_unchanged_run(run_dir, tmp_path):
     same = fixture_run(tmp_path / "same")
     result = runner.invoke(app, ["compare", str(run_dir), str(same)], env=ENV)
     assert result.exit_code == 0, result.output
-    assert "no regression" in result.output
+    assert "No regression in 15 points" in result.output
 
 
 def test_compare_flags_a_slowdown(run_dir, tmp_path):
@@ -141,7 +141,9 @@ def test_compare_flags_memory_growth(run_dir, tmp_path):
 def test_compare_flags_a_threshold_drop(run_dir, tmp_path):
     worse = fixture_run(tmp_path / "worse", race_fails_at=8192)
     result = runner.invoke(app, ["compare", str(run_dir), str(worse)], env=ENV)
-    assert result.exit_code == 1 and "race T=8192: completed in the baseline, now oom" in result.output
+    assert result.exit_code == 1 and "race T=8192: completed in the baseline, now runs out of memory" in result.output
+    assert "race: largest completed length fell from 4,096 to" not in result.output  # 2^14 -> 2^12: named below
+    assert "race: largest completed length fell from 16,384 to 4,096" in result.output
 
 
 def test_other_schema_is_refused(run_dir):

@@ -8,14 +8,13 @@ import json
 import multiprocessing as mp
 import os
 import socket
-import statistics
 import time
 
 import torch
 import torch.distributed as dist
 
 from racebench.bench.spec import SweepSpec
-from racebench.bench.worker import die_with_parent, measure, point_row
+from racebench.bench.worker import die_with_parent, measure, point_row, timing_fields
 from racebench.methods.registry import get_method
 
 
@@ -69,11 +68,9 @@ def _merge(spec, method, T, rows, ranks) -> dict:
                            else f"ranks unfinished after the {spec.time_budget_s:g} s budget")
     rows.sort(key=lambda r: r["rank"])
     times = [max(ts) for ts in zip(*(r["times_ms"] for r in rows))]  # a step ends when its slowest rank does
-    median = statistics.median(times)
     faults = [r.get("page_faults_per_pass") for r in rows]
-    return base | dict(
-        status="ok", time_ms=median, time_ms_min=times[0], time_ms_max=times[-1], repeats=len(times),
-        tokens_per_s=spec.B * T / (median / 1e3), threads=rows[0].get("threads"),
+    return base | timing_fields(times, spec.B * T) | dict(
+        status="ok", threads=rows[0].get("threads"),
         peak_mem_bytes=sum(r["peak_mem_bytes"] for r in rows),
         peak_mem_over_inputs_bytes=sum(r["peak_mem_over_inputs_bytes"] for r in rows),
         rank_peak_mem_bytes=json.dumps([r["peak_mem_bytes"] for r in rows]),

@@ -34,8 +34,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper-cpu": dict(tag="paper", device="cpu", dtype="fp32", min_len="2^11", max_len="2^26", causal=False,
                       mode="fwd+bwd", time_budget="10m"),
     "quick": dict(tag="quick", min_len="2^8", max_len="2^12", warmup=1, repeats=3, time_budget="30s"),
-    # Fixed, short points for regression gates on CI runners.
-    "ci": dict(tag="ci", min_len="2^12", max_len="2^16", time_budget="60s"),
+    # Regression gates on CI runners: lengths above a device's fixed cost per pass, enough repeats for compare's
+    # statistics, a few minutes in all (docs/regression-gate.md).
+    "ci-cpu": dict(tag="ci", device="cpu", dtype="fp32", min_len="2^10", max_len="2^12", warmup=2, repeats=10,
+                   time_budget="60s"),
+    "ci-gpu": dict(tag="ci", device="cuda", dtype="bf16", min_len="2^16", max_len="2^20", warmup=3, repeats=20,
+                   time_budget="60s"),
 }
 
 

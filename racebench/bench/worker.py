@@ -58,6 +58,16 @@ class SumLoss(torch.autograd.Function):
         return grad.to(ctx.dtype).expand(ctx.shape)
 
 
+def timing_fields(times_ms: list[float], tokens: int) -> dict:
+    """What a row records of its timed passes: every one (times_ms, kept in points.jsonl for compare's statistics),
+    their median, min, max and interquartile range, and tokens per second at the median."""
+    median = statistics.median(times_ms)
+    quartiles = statistics.quantiles(times_ms, n=4, method="inclusive") if len(times_ms) > 1 else [median] * 3
+    return dict(time_ms=median, time_ms_min=min(times_ms), time_ms_max=max(times_ms),
+                time_ms_iqr=quartiles[2] - quartiles[0], repeats=len(times_ms), tokens_per_s=tokens / median * 1e3,
+                times_ms=list(times_ms))
+
+
 def _make_pass(fn, q, k, v, mode, sync):
     """A function running one pass and returning (seconds of its timed part, output)."""
 
@@ -105,9 +115,7 @@ def measure_point(spec: SweepSpec, method: str, T: int) -> dict:
         return measure_parallel(spec, method, T)
     m, cfg = get_method(method), spec.build_config(T)
     row = point_row(spec, method, T, impl=m.impl(cfg), threads=torch.get_num_threads())
-    row = measure(spec, row, T, lambda: m.build(cfg), start)
-    row.pop("times_ms", None)
-    return row
+    return measure(spec, row, T, lambda: m.build(cfg), start)
 
 
 def measure(spec: SweepSpec, row: dict, T: int, build, start: float, *, seed: int | None = None,
@@ -160,14 +168,11 @@ def measure(spec: SweepSpec, row: dict, T: int, build, start: float, *, seed: in
             return row | dict(status="oom", error=str(exc).splitlines()[0][:300])
         return row | dict(status="error", error=f"{type(exc).__name__}: {exc}".splitlines()[0][:300],
                           traceback=traceback.format_exc()[-2000:])
-    median = statistics.median(times)
     elapsed = time.perf_counter() - start
     over = elapsed > spec.time_budget_s
-    return row | dict(
+    return row | timing_fields([t * 1e3 for t in times], spec.B * row["T"]) | dict(
         status="timeout" if over else "ok",
         error=f"finished in {elapsed:.3g} s, over the {spec.time_budget_s:g} s budget" if over else None,
-        time_ms=median * 1e3, time_ms_min=min(times) * 1e3, time_ms_max=max(times) * 1e3,
-        repeats=len(times), tokens_per_s=spec.B * row["T"] / median, times_ms=[t * 1e3 for t in times],
         peak_mem_bytes=peak - before_inputs, peak_mem_over_inputs_bytes=peak - with_inputs,
         comm_bytes_per_step=sent, page_faults_per_pass=faults,
     )

@@ -8,9 +8,11 @@ REQUIRED_COLUMNS = ("method", "device", "dtype", "B", "H", "T", "D", "causal", "
 # Every knob column (race_P, performer_features, ...) stands between these two groups.
 IDENTITY_COLUMNS = ("run_id", "method", "impl")
 MEASURE_COLUMNS = ("device", "dtype", "B", "H", "T", "D", "causal", "mode", "status", "time_ms", "time_ms_min",
-                   "time_ms_max", "repeats", "tokens_per_s", "peak_mem_bytes", "peak_mem_over_inputs_bytes",
-                   "input_bytes", "floor_bytes", "page_faults_per_pass", "nproc", "comm_bytes_per_step",
-                   "rank_peak_mem_bytes", "refine", "threads", "error")
+                   "time_ms_max", "time_ms_iqr", "repeats", "tokens_per_s", "peak_mem_bytes",
+                   "peak_mem_over_inputs_bytes", "input_bytes", "floor_bytes", "page_faults_per_pass", "nproc",
+                   "comm_bytes_per_step", "rank_peak_mem_bytes", "refine", "threads", "error")
+# In points.jsonl only: every timed pass of a point (compare's statistics read them from there).
+SAMPLE_COLUMN = "times_ms"
 # What else must be equal for two points to be comparable (compare.py), besides the knobs.
 MATCH_COLUMNS = ("method", "device", "dtype", "B", "H", "D", "causal", "mode", "nproc", "T")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from racebench.errors import UsageError
-from racebench.results.schema import REQUIRED_COLUMNS, SCHEMA_VERSION, columns
+from racebench.results.schema import REQUIRED_COLUMNS, SAMPLE_COLUMN, SCHEMA_VERSION, columns
 
 
 @dataclass
@@ -67,13 +67,15 @@ class RunStore:
         return df
 
 
-def tidy(rows: list[dict]) -> pd.DataFrame:
+def tidy(rows: list[dict], *, samples: bool = False) -> pd.DataFrame:
+    """One row per point, the schema's columns first; the list of timed passes (times_ms) only with `samples`."""
     df = pd.DataFrame(rows)
     cols = columns()
     for col in cols:
         if col not in df:
             df[col] = None
-    return df[cols + [c for c in df.columns if c not in cols and c != "traceback"]]
+    dropped = {"traceback"} | (set() if samples else {SAMPLE_COLUMN})
+    return df[cols + [c for c in df.columns if c not in cols and c not in dropped]]
 
 
 def load_meta(path: Path) -> dict:
@@ -90,12 +92,18 @@ def load_meta(path: Path) -> dict:
     return meta
 
 
-def load_run(path: Path | str) -> tuple[dict, pd.DataFrame]:
-    """run.json and the results table of a run folder; refuses other schemas and missing columns."""
+def load_run(path: Path | str, *, samples: bool = False) -> tuple[dict, pd.DataFrame]:
+    """run.json and the results table of a run folder; refuses other schemas and missing columns. With `samples`,
+    the table comes from points.jsonl with every point's timed passes (times_ms; None where a run kept none)."""
     path = Path(path)
     meta = load_meta(path)
     csv = path / "results.csv"
-    df = pd.read_csv(csv) if csv.exists() else tidy(RunStore(path).rows())
+    if samples:
+        df = tidy(RunStore(path).rows(), samples=True)
+        if SAMPLE_COLUMN not in df:
+            df[SAMPLE_COLUMN] = None
+    else:
+        df = pd.read_csv(csv) if csv.exists() else tidy(RunStore(path).rows())
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:
         raise UsageError(f"{path}: results lack required columns {', '.join(missing)}")

@@ -29,18 +29,6 @@ def frame_table(df, title: str) -> Table:
     return table
 
 
-def compare_table(df, title: str) -> Table:
-    """compare's matched points: status change, time and memory ratios, verdict."""
-    table = Table(title=title, title_justify="left")
-    for col in ("method", "T", "status", "time ratio", "memory ratio", "verdict"):
-        table.add_column(col)
-    for r in df.itertuples():
-        style = "green" if r.verdict == "ok" else "red"
-        table.add_row(r.method, str(r.T), f"{r.status_base} -> {r.status_cand}", f"{r.time_ratio:.2f}x",
-                      f"{r.mem_ratio:.2f}x", f"[{style}]{r.verdict}[/]")
-    return table
-
-
 def thresholds_table(df, title: str = "Largest context completed per method") -> Table:
     import pandas as pd
 
