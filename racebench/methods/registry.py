@@ -229,8 +229,7 @@ class Method:
 
     def effective_knobs(self, cfg: BuildConfig) -> dict[str, Any]:
         """The knob values a build with this config uses, defaults filled in: recorded with every result."""
-        return {k.name: cfg.knob(k.name, None) if cfg.knobs.get(k.name) is not None else k.default_for(cfg)
-                for k in self.knobs}
+        return {k.name: cfg.knob(k.name, k.default_for(cfg)) for k in self.knobs}
 
 
 _REGISTRY: dict[str, Method] = {}
