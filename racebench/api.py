@@ -17,7 +17,7 @@ PRESET_NAMES = tuple(PRESETS)
 PLOTS_DIR = Path("plots")
 __all__ = ["DTYPES", "PRESET_NAMES", "load_plugins", "resolve_device", "baseline_dir", "methods", "environment",
            "sweep_spec", "resumed_spec", "new_run_dir", "sweep", "latest_run", "load_run", "plot", "report",
-           "report_markdown", "compare"]
+           "report_markdown", "compare", "nothing_ran"]
 
 
 def methods(plugins=()) -> list:
@@ -42,13 +42,24 @@ def sweep_spec(**options):
     return build_spec(**options)
 
 
-def resumed_spec(out: Path | None):
-    """The spec stored in the run folder `out`, for --resume."""
-    from racebench.bench.spec import SweepSpec
+def resumed_spec(out: Path | None, options: dict | None = None):
+    """The spec stored in the run folder `out`, for --resume. `options` are the sweep options given with it
+    (None = not given): any that asks for something other than the run is a UsageError naming it."""
+    from racebench.bench.spec import SweepSpec, resume_differences
 
     if out is None:
         raise UsageError("--resume needs --out: the folder of the run to continue")
-    return SweepSpec.from_dict(load_meta(out)["spec"])
+    meta = load_meta(out)
+    try:
+        spec = SweepSpec.from_dict(meta["spec"])
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        if isinstance(exc, UsageError):
+            raise
+        raise UsageError(f"{out}/run.json: its spec cannot be read ({type(exc).__name__}: {exc})") from None
+    if differences := resume_differences(spec, options or {}):
+        raise UsageError(f"--resume continues {out} as recorded; these options differ from it: "
+                         f"{'; '.join(differences)}. Leave them out, or start a new run with another --out")
+    return spec
 
 
 def new_run_dir(spec, root: Path = RESULTS_DIR) -> Path:
@@ -79,6 +90,13 @@ def sweep(spec, out: Path, *, resume: bool = False, command: str = "", progress=
     from racebench.bench.runner import run_sweep
 
     return run_sweep(spec, Path(out), resume=resume, command=command, progress=progress)
+
+
+def nothing_ran(df) -> str | None:
+    """Why no point of a sweep's results ran (every one unsupported, failed or skipped), or None if one did."""
+    from racebench.results.summary import nothing_ran as why
+
+    return why(df)
 
 
 def latest_run(root: Path = RESULTS_DIR) -> Path:

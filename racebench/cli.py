@@ -8,6 +8,8 @@ from __future__ import annotations
 import functools
 import inspect
 import io
+import logging
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -15,13 +17,14 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from racebench import api
-from racebench.errors import RacebenchError, UsageError
+from racebench.errors import RacebenchError, RunFailedError, UsageError
 from racebench.version import __version__
 
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)  # one message, one line: never wrapped
 MODES = ("fwd", "bwd", "fwd+bwd")
 Plugins = Annotated[list[Path] | None, typer.Option(
     "--plugin", help="A Python file that registers methods with racebench.register_method; repeatable.")]
@@ -34,7 +37,7 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except RacebenchError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
             raise typer.Exit(exc.exit_code) from None
     return wrapper
 
@@ -90,6 +93,7 @@ def sweep(
     nproc: Annotated[int | None, typer.Option(help="Run each point across this many local processes, the "
                                               "sequence split between them (methods with a sequence-parallel "
                                               "form; each process gets --memory-budget). (default: 1)")] = None,
+    oversubscribe: Annotated[bool, typer.Option(help="Let --nproc exceed the cores racebench may use.")] = False,
     plugin: Plugins = None,
     **knobs,
 ) -> None:
@@ -98,16 +102,13 @@ def sweep(
     from racebench.views.progress import sweep_progress
     from racebench.views.tables import thresholds_table
 
-    if resume:
-        spec = api.resumed_spec(out)
-    else:
-        spec = api.sweep_spec(preset=preset, methods=methods, lengths=lengths, min_len=min_len, max_len=max_len,
-                              growth=growth, batch=batch, heads=heads, head_dim=head_dim, dtype=dtype,
-                              device=device, causal=causal, mode=mode, warmup=warmup, repeats=repeats,
-                              time_budget=time_budget, memory_budget=memory_budget, refine=refine, seed=seed,
-                              knobs=knobs, nproc=nproc, plugins=plugin)
+    options = dict(preset=preset, methods=methods, lengths=lengths, min_len=min_len, max_len=max_len, growth=growth,
+                   batch=batch, heads=heads, head_dim=head_dim, dtype=dtype, device=device, causal=causal, mode=mode,
+                   warmup=warmup, repeats=repeats, time_budget=time_budget, memory_budget=memory_budget,
+                   refine=refine, seed=seed, knobs=knobs, nproc=nproc, plugins=plugin)
+    spec = api.resumed_spec(out, options) if resume else api.sweep_spec(**options, oversubscribe=oversubscribe)
     out_dir = out or api.new_run_dir(spec)
-    command = "racebench " + " ".join(sys.argv[1:])
+    command = shlex.join(["racebench", *sys.argv[1:]])
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a kill ends the sweep as cleanly as Ctrl-C
     try:
         with sweep_progress(spec, console) as progress:
@@ -119,6 +120,8 @@ def sweep(
     _, df = api.load_run(store.path)
     console.print(thresholds_table(df))
     console.print(f"results: {store.path}/results.csv  (run.json, points.jsonl beside it)")
+    if (why := api.nothing_ran(df)) is not None:
+        raise RunFailedError(f"no point of this sweep ran: {why}")
 
 
 def _knob_parameter(name: str, declared: list) -> inspect.Parameter:
@@ -169,7 +172,7 @@ def baseline(
         return
     spec = api.sweep_spec(preset=f"ci-{device}")
     with sweep_progress(spec, console) as progress:
-        store = api.sweep(spec, folder, command="racebench " + " ".join(sys.argv[1:]), progress=progress)
+        store = api.sweep(spec, folder, command=shlex.join(["racebench", *sys.argv[1:]]), progress=progress)
     console.print(f"baseline: {store.path} (commit it; `racebench compare {store.path} NEW` gates a change)")
 
 
@@ -194,7 +197,8 @@ def plot(
 
 def report(
     run: Annotated[Path | None, typer.Argument(help="Run folder (default: the latest run).")] = None,
-    markdown: Annotated[Path | None, typer.Option(help="Write the report as markdown to this file.")] = None,
+    markdown: Annotated[Path | None, typer.Option(help="Write the report as markdown to this file; - is standard "
+                                                  "output.")] = None,
     at: Annotated[str | None, typer.Option(help="Comma-separated lengths to show time and memory at. (default: "
                                            "the baseline method's largest and the longest completed)")] = None,
 ) -> None:
@@ -203,8 +207,7 @@ def report(
     from racebench.views.tables import environment_table, frame_table
 
     if markdown:
-        markdown.write_text(api.report_markdown(run, at=at))
-        console.print(f"wrote {markdown}")
+        write_text(str(markdown), api.report_markdown(run, at=at))
         return
     meta, summary = api.report(run, at=at)
     console.print(frame_table(summary, f"racebench run {meta['run_id']}: {meta.get('command', '')}"))
@@ -263,8 +266,25 @@ def write_text(path: str, text: str) -> None:
     console.print(f"wrote {path}")
 
 
+class _ConsoleLog(logging.Handler):
+    """racebench's log lines (a kernel build starting, a file repaired) on standard error, one line each."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        prefix = "[yellow]warning:[/] " if record.levelno >= logging.WARNING else ""
+        err_console.print(prefix + escape(record.getMessage()), highlight=False)
+
+
+def _log_to_console() -> None:
+    logger = logging.getLogger("racebench")
+    if not any(isinstance(h, _ConsoleLog) for h in logger.handlers):
+        logger.addHandler(_ConsoleLog())
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
 def make_app() -> typer.Typer:
     """The Typer app, its sweep options generated from the methods registered now."""
+    _log_to_console()
     app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                       help="Benchmarks for long-context attention: RACE against FlashAttention and linear attention.")
 
@@ -295,7 +315,7 @@ def main() -> None:
         api.load_plugins(_plugins_in(sys.argv[1:]))
         application = make_app()
     except RacebenchError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         raise SystemExit(exc.exit_code) from None
     application(prog_name="racebench")
 

@@ -111,7 +111,8 @@ def test_env_with_a_kernel_configuration(tmp_path, monkeypatch):
 def test_sweep_nproc_records_ranks(tmp_path):
     out = tmp_path / "run"
     result = runner.invoke(app, ["sweep", "--methods", "race", "--lengths", "128,512", "-H", "1", "-D", "16",
-                                 "--repeats", "1", "--warmup", "1", "--nproc", "3", "--out", str(out)],
+                                 "--repeats", "1", "--warmup", "1", "--nproc", "3", "--oversubscribe",
+                                 "--out", str(out)],
                            env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     _, df = load_run(out)

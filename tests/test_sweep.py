@@ -157,7 +157,7 @@ def test_environment_is_json_ready(monkeypatch):
 
 
 def test_sequence_parallel_points(tmp_path):
-    s = spec(methods="race,linear", lengths="256,1K", nproc=2, causal=True, time_budget="60s")
+    s = spec(methods="race,linear", lengths="256,1K", nproc=2, oversubscribe=True, causal=True, time_budget="60s")
     run_sweep(s, tmp_path / "run")
     _, df = load_run(tmp_path / "run")
     race = df[df.method == "race"]
@@ -178,10 +178,10 @@ def test_nonfinite_output_is_recorded():
 
 
 def test_sequence_parallel_rejects_what_it_cannot_run():
-    s = build_spec(methods="race,linear", lengths="256", nproc=2, knobs={"race_M": 2})
+    s = build_spec(methods="race,linear", lengths="256", nproc=2, oversubscribe=True, knobs={"race_M": 2})
     assert "race_M = 1" in s.unsupported_reason("race")
     assert "no sequence-parallel form" in s.unsupported_reason("linear")
-    assert build_spec(methods="race", lengths="256", nproc=2).unsupported_reason("race") is None
+    assert build_spec(methods="race", lengths="256", nproc=2, oversubscribe=True).unsupported_reason("race") is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

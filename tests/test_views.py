@@ -155,6 +155,7 @@ def test_other_schema_is_refused(run_dir):
 
 
 def test_missing_required_columns_are_refused(run_dir):
+    (run_dir / "points.jsonl").unlink()  # a run with a results table only
     (run_dir / "results.csv").write_text("method,T\nrace,1024\n")
     result = runner.invoke(app, ["plot", str(run_dir)], env=ENV)
     assert result.exit_code == 2 and "lack required columns" in result.output
@@ -162,6 +163,7 @@ def test_missing_required_columns_are_refused(run_dir):
 
 def test_missing_optional_columns_are_tolerated(run_dir, tmp_path):
     import pandas as pd
+    (run_dir / "points.jsonl").unlink()  # a run with a results table only, from an older racebench
     df = pd.read_csv(run_dir / "results.csv").drop(columns=["tokens_per_s", "threads", "impl", "race_beta"])
     df.to_csv(run_dir / "results.csv", index=False)
     result = runner.invoke(app, ["report", str(run_dir)], env=ENV)

@@ -34,6 +34,26 @@ def _git(*args: str) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+def _commit() -> tuple[str | None, bool | None]:
+    """(git commit, whether the checkout has uncommitted changes): from the checkout racebench runs from, else
+    the commit written into the package when it was built (setup.py), for a non-editable install."""
+    sha = _git("rev-parse", "HEAD")
+    if sha:
+        return sha, bool(_git("status", "--porcelain", "--untracked-files=no"))
+    built = Path(racebench.__file__).parent / "build_commit.txt"
+    return (built.read_text().strip() or None, None) if built.is_file() else (None, None)
+
+
+def _gpu_driver() -> str | None:
+    """The NVIDIA kernel driver's version (e.g. 550.54.15), None without one."""
+    try:
+        text = Path("/proc/driver/nvidia/version").read_text()
+    except OSError:
+        return None
+    words = text.split()
+    return next((w for w in words if w.count(".") >= 1 and w.replace(".", "").isdigit()), None)
+
+
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -54,19 +74,22 @@ def _thp_mode() -> str | None:
 
 
 def collect_environment() -> dict:
-    sha = _git("rev-parse", "HEAD")
+    sha, dirty = _commit()
     env = {
         "schema_version": SCHEMA_VERSION,
         "racebench_version": racebench.__version__,
         "git_sha": sha,
-        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")) if sha else None,
+        "git_dirty": dirty,
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "numpy": _version("numpy"),
+        "pandas": _version("pandas"),
         "cuda": torch.version.cuda,
         "triton": _version("triton"),
         "flash_attn": _version("flash-attn") or _version("flash_attn"),
         "gpu": None,
         "gpu_memory_bytes": None,
+        "gpu_driver": _gpu_driver(),
         "cpu": _cpu_model(),
         "cpu_cores": psutil.cpu_count(logical=True),
         "cpu_physical_cores": psutil.cpu_count(logical=False),

@@ -17,7 +17,7 @@ from racebench.bench.environment import collect_environment
 from racebench.bench.spec import SweepSpec
 from racebench.bench.worker import child_main, cuda_probe, point_row
 from racebench.methods.registry import get_method
-from racebench.results.store import RunStore
+from racebench.results.store import RunStore, writing
 
 FAILURES = ("oom", "timeout")
 _NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
@@ -51,7 +51,7 @@ def _call_in_child(ctx, target, args: tuple, timeout_s: float):
     """Run target(conn, *args) in a child process of `ctx` and wait up to timeout_s for what it sends on conn:
     (what it sent or None, whether the wait timed out, the child's exit code). The child is gone on return."""
     recv, send = ctx.Pipe(duplex=False)
-    # Not a daemon: a --nproc point starts its ranks from it. It dies with this process (die_with_parent).
+    # Not a daemon: a --nproc point starts its ranks from it. It dies with this process (worker.die_with).
     proc = ctx.Process(target=target, args=(send, *args))
     proc.start()
     send.close()
@@ -75,7 +75,7 @@ def run_child(spec: SweepSpec, method: str, T: int) -> dict:
     """Measure one point in its own process; a crash, a hang or a signal becomes the point's status."""
     ctx = _context(spec.device)  # (the first CUDA call probes the fork server: not the point's time)
     start = time.perf_counter()
-    row, timed_out, exitcode = _call_in_child(ctx, child_main, (spec.to_dict(), method, T),
+    row, timed_out, exitcode = _call_in_child(ctx, child_main, (spec.to_dict(), method, T, os.getpid()),
                                               spec.time_budget_s + _GRACE_S)
     wall = time.perf_counter() - start
     if row is None:
@@ -138,15 +138,24 @@ ProgressFn = Callable[[str, int, dict | None], None]
 
 def run_sweep(spec: SweepSpec, out: Path, *, resume: bool = False, command: str = "",
               progress: ProgressFn | None = None, measure: Callable = run_child) -> RunStore:
-    """Run (or continue) a sweep into `out`. `progress(method, T, row)` is called before (row None) and
-    after each point."""
+    """Run (or continue) a sweep into `out`, holding the folder's lock throughout. `progress(method, T, row)` is
+    called before (row None) and after each point."""
+    with writing(out):
+        return _run_locked(spec, out, resume=resume, command=command, progress=progress, measure=measure)
+
+
+def _run_locked(spec: SweepSpec, out: Path, *, resume: bool, command: str, progress: ProgressFn | None,
+                measure: Callable) -> RunStore:
     if resume:
         store = RunStore(out)
         meta = store.meta()
-        meta.setdefault("resumed", []).append(collect_environment()["utc_time"])
+        store.repair()
+        meta.setdefault("resumed", []).append({"utc_time": collect_environment()["utc_time"], "command": command,
+                                               "cwd": os.getcwd()})
         store.write_meta(meta)
     else:
-        meta = {"run_id": out.name, "command": command, "spec": spec.to_dict(), "environment": collect_environment(),
+        meta = {"run_id": out.name, "command": command, "cwd": os.getcwd(), "spec": spec.to_dict(),
+                "environment": collect_environment(),
                 # compare matches points on these, even where the methods' plugin is not loaded
                 "knob_columns": list(dict.fromkeys(k.name for m in spec.methods for k in get_method(m).knobs))}
         if measure is run_child:  # how each point's process starts: forked from racebench's server, or spawned
@@ -163,6 +172,7 @@ def run_sweep(spec: SweepSpec, out: Path, *, resume: bool = False, command: str 
             row = _plan_row(spec, method, state, T) or measure(spec, method, T)
             row["refine"] = refine
             store.append(row)
+            done[(method, T)] = row
         state.update(row)
         report(method, T, row)
         return row

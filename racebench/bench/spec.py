@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,6 +118,24 @@ def _positive_int(name: str, value: Any) -> int:
     return v
 
 
+def _count(name: str, value: Any, minimum: int) -> int:
+    try:
+        v = int(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"--{name} must be a whole number, got {value!r}") from None
+    if v < minimum:
+        raise UsageError(f"--{name} must be at least {minimum}, got {v}")
+    return v
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity: a container's or taskset's share, not the machine's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def resolve_device(device: str) -> str:
     device = (device or "auto").lower()
     if device == "auto":
@@ -174,15 +193,16 @@ def build_spec(*, preset: str | None = None, methods: str | None = None, lengths
                mode: str | None = None, warmup: int | None = None, repeats: int | None = None,
                time_budget: str | None = None, memory_budget: str | None = None, refine: float | None = None,
                seed: int | None = None, knobs: dict[str, Any] | None = None, nproc: int | None = None,
-               plugins: list[str] | tuple[str, ...] | None = None) -> SweepSpec:
-    """Options as the CLI gives them (None = not given) -> a validated SweepSpec."""
+               plugins: list[str] | tuple[str, ...] | None = None, oversubscribe: bool = False) -> SweepSpec:
+    """Options as the CLI gives them (None = not given) -> a validated SweepSpec. `oversubscribe` lets --nproc
+    exceed the usable cores."""
     plugin_paths = tuple(str(Path(p).expanduser().resolve()) for p in plugins or ())
     load_plugins(plugin_paths)
     name = preset or "default"
     if name not in PRESETS:
         raise UsageError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
     given = {k: v for k, v in locals().items()
-             if k not in ("preset", "name", "knobs", "plugins", "plugin_paths") and v is not None}
+             if k not in ("preset", "name", "knobs", "plugins", "plugin_paths", "oversubscribe") and v is not None}
     opts = PRESETS[name] | given
 
     device = resolve_device(opts.get("device", "auto"))
@@ -228,12 +248,15 @@ def build_spec(*, preset: str | None = None, methods: str | None = None, lengths
         B=_positive_int("batch", opts.get("batch", 1)), H=_positive_int("heads", opts.get("heads", 4)),
         D=_positive_int("head-dim", opts.get("head_dim", 128)), dtype=dtype, device=device,
         causal=bool(opts.get("causal", False)), mode=mode,
-        warmup=max(0, int(opts.get("warmup", 2))), repeats=_positive_int("repeats", opts.get("repeats", 5)),
+        warmup=_count("warmup", opts.get("warmup", 2), 0), repeats=_positive_int("repeats", opts.get("repeats", 5)),
         time_budget_s=parse_duration(opts.get("time_budget", "60s")), memory_budget_bytes=budget,
         refine=float(refine_prec) if refine_prec is not None else None, seed=int(opts.get("seed", 0)),
         knobs=knobs, preset=name,
         nproc=_positive_int("nproc", opts.get("nproc", 1)), plugins=plugin_paths,
     )
+    if spec.nproc > usable_cores() and not oversubscribe:
+        raise UsageError(f"--nproc {spec.nproc}: racebench may use {usable_cores()} cores here, and more processes "
+                         "than cores measure their contention, not the method (--oversubscribe runs it anyway)")
     if spec.nproc > 1 and spec.mode != "fwd+bwd":
         raise UsageError("--nproc measures fwd+bwd steps only")
     need = spec.input_bytes(-(-spec.lengths[0] // spec.nproc))  # what one rank holds
@@ -241,3 +264,43 @@ def build_spec(*, preset: str | None = None, methods: str | None = None, lengths
         raise UsageError(f"--memory-budget {budget} bytes cannot hold even the inputs q, k, v at "
                          f"T = {spec.lengths[0]} ({need} bytes{' per rank' if spec.nproc > 1 else ''})")
     return spec
+
+
+# The spec field each sweep option sets (--resume compares what it is given against the run's).
+_OPTION_FIELDS = dict(preset="preset", methods="methods", lengths="lengths", min_len="lengths", max_len="lengths",
+                      growth="lengths", batch="B", heads="H", head_dim="D", dtype="dtype", device="device",
+                      causal="causal", mode="mode", warmup="warmup", repeats="repeats", time_budget="time_budget_s",
+                      memory_budget="memory_budget_bytes", refine="refine", seed="seed", nproc="nproc",
+                      plugins="plugins")
+
+
+def resume_differences(stored: SweepSpec, options: dict[str, Any]) -> list[str]:
+    """The options given with --resume (None = not given; knobs under "knobs") that ask for something other than
+    the run records, each as '--option value (the run: value)'. Options equal to the run's are fine: the command
+    that started a run, with --resume added, continues it."""
+    knobs = {k: v for k, v in (options.get("knobs") or {}).items() if v is not None}
+    given = {k: v for k, v in options.items() if k in _OPTION_FIELDS and v is not None}
+    if not given and not knobs:
+        return []
+    base = dict(preset=stored.preset, device=stored.device, methods=",".join(stored.methods),
+                plugins=list(stored.plugins))
+    asked = build_spec(**(base | given), knobs=knobs, oversubscribe=True)
+    differences = []
+    for option, value in given.items():
+        name = _OPTION_FIELDS[option]
+        if getattr(asked, name) != getattr(stored, name):
+            differences.append(f"--{option.replace('_', '-')} {value} (the run: {_show(getattr(stored, name))})")
+    cfg = stored.build_config(stored.lengths[0])
+    recorded = {}
+    for m in stored.methods:
+        recorded |= {k: v for k, v in get_method(m).effective_knobs(cfg).items() if k in knobs and k not in recorded}
+    for name, value in asked.knobs.items():
+        if name in knobs and recorded.get(name) != value:
+            differences.append(f"--{name.replace('_', '-')} {knobs[name]} (the run: {_show(recorded.get(name))})")
+    return differences
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, tuple):
+        return ",".join(map(str, value)) if len(value) <= 6 else f"{value[0]},...,{value[-1]} ({len(value)} values)"
+    return str(value)

@@ -6,6 +6,7 @@ import re
 
 from racebench.errors import UsageError
 
+MAX_LENGTH = 2**40  # far beyond any machine; bounds what a typo (2^20000) can ask for
 _LENGTH_SUFFIX = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30}
 _DURATION = {"ms": 1e-3, "s": 1, "m": 60, "min": 60, "h": 3600}
 _SIZES = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -16,8 +17,9 @@ def parse_length(text: str | int) -> int:
     """'2^20', '2**20', '1M' (= 2^20), '64K', '1048576' -> tokens; must be positive."""
     s = str(text).strip().lower().replace("_", "")
     if m := re.fullmatch(r"(\d+)\s*(?:\^|\*\*)\s*(\d+)", s):
-        value = int(m[1]) ** int(m[2])
-    elif m := re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmg]?)", s):
+        base, exponent = int(m[1]), int(m[2])
+        value = base**exponent if base <= 1 or exponent <= 64 else MAX_LENGTH + 1
+    elif m := re.fullmatch(r"(\d{1,20}(?:\.\d+)?)\s*([kmg]?)", s):
         value = float(m[1]) * _LENGTH_SUFFIX[m[2]]
         if value != int(value):
             raise UsageError(f"length {text!r} is not a whole number of tokens")
@@ -26,6 +28,8 @@ def parse_length(text: str | int) -> int:
         raise UsageError(f"cannot read length {text!r}: use e.g. 4096, 2^20, 64K or 1M")
     if value <= 0:
         raise UsageError(f"length {text!r} must be positive")
+    if value > MAX_LENGTH:
+        raise UsageError(f"length {text!r} is over 2^40 tokens")
     return value
 
 

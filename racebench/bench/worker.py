@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
+import select
 import signal
 import statistics
+import threading
 import time
 import traceback
 
@@ -20,13 +23,46 @@ import torch
 
 from racebench.bench import memory
 from racebench.bench.spec import SweepSpec
-from racebench.methods.registry import get_method
+from racebench.bench.units import format_bytes
+from racebench.methods.registry import NO_BUILD_ENV, get_method
 
 
 def die_with_parent() -> None:
-    """Linux: the kernel kills this child when its parent goes, so a killed sweep leaves no orphan measuring."""
+    """Linux: the kernel kills this process when its parent goes (a rank of a --nproc point, with its point)."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def die_with(pid: int) -> None:
+    """Kill this process the moment process `pid` (the sweep) ends, however it ends, kill -9 included. A point's
+    parent is the fork server, which can outlive the sweep, so the parent-death signal alone is not enough: a
+    thread waits on a pidfd of the sweep (Linux 5.3), or polls it where there is none."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        os.kill(os.getpid(), signal.SIGKILL)
+    except (OSError, AttributeError):
+        fd = None
+
+    def watch() -> None:
+        if fd is not None:
+            select.select([fd], [], [])  # readable once the process has ended
+        else:
+            while _alive(pid):
+                time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="racebench-die-with-sweep", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def point_row(spec: SweepSpec, method: str, T: int, **fields) -> dict:
@@ -170,17 +206,29 @@ def measure(spec: SweepSpec, row: dict, T: int, build, start: float, *, seed: in
                           traceback=traceback.format_exc()[-2000:])
     elapsed = time.perf_counter() - start
     over = elapsed > spec.time_budget_s
+    # The CPU's address-space cap leaves room for thread stacks and arenas above the budget, so a point can peak
+    # over it and still finish: that is not a point that fits its budget.
+    too_big = peak - before_inputs > spec.memory_budget_bytes
+    status, error = "ok", None
+    if too_big:
+        status, error = "oom", (f"peaked at {format_bytes(peak - before_inputs)}, over the "
+                                f"{format_bytes(spec.memory_budget_bytes)} memory budget")
+    elif over:
+        status, error = "timeout", f"finished in {elapsed:.3g} s, over the {spec.time_budget_s:g} s budget"
     return row | timing_fields([t * 1e3 for t in times], spec.B * row["T"]) | dict(
-        status="timeout" if over else "ok",
-        error=f"finished in {elapsed:.3g} s, over the {spec.time_budget_s:g} s budget" if over else None,
+        status=status, error=error,
         peak_mem_bytes=peak - before_inputs, peak_mem_over_inputs_bytes=peak - with_inputs,
         comm_bytes_per_step=sent, page_faults_per_pass=faults,
     )
 
 
-def child_main(conn, spec_dict: dict, method: str, T: int) -> None:
-    """Entry point of the child process: measure, send the row, exit."""
+def child_main(conn, spec_dict: dict, method: str, T: int, sweep_pid: int | None = None) -> None:
+    """Entry point of the child process: measure, send the row, exit. It dies with the sweep, and never compiles
+    (the sweep built what its methods need before the first point: a build in here would eat the point's budget)."""
     die_with_parent()
+    if sweep_pid is not None:
+        die_with(sweep_pid)
+    os.environ[NO_BUILD_ENV] = "1"
     row = measure_point(SweepSpec.from_dict(spec_dict), method, T)
     conn.send(row)
     conn.close()

@@ -36,6 +36,9 @@ DTYPE_ALIASES = {"fp32": "fp32", "float32": "fp32", "float": "fp32", "bf16": "bf
                  "double": "fp64"}
 _TORCH_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp64": "float64"}
 ENTRY_POINT_GROUP = "racebench.methods"
+# Set in a sweep's point processes: a method finds there what its `prepare` built in the sweep's process, and never
+# compiles anything itself (the time would count against the point's budget).
+NO_BUILD_ENV = "RACEBENCH_NO_BUILD"
 # The order of sweeps and tables; any other module in racebench/methods/ is loaded after these, by name.
 BUILTIN_ORDER = ("race", "softmax", "linear", "angular")
 
@@ -168,6 +171,8 @@ class Method:
     # Work done once in the sweep's own process before the method's points (building native kernels), so that no
     # point's budget pays for it.
     prepare: Callable[[str], None] = _never
+    # What a user should know of how the method runs on `device` here (its fast kernels cannot be built), or None.
+    note: Callable[[str], str | None] = _never
     # A rank's part of a sequence-parallel point (--nproc): config of the rank's shard -> (the attention function of
     # the shard, a counter of the bytes this process has sent). None: the method runs in one process only.
     sequence_parallel: Callable[[BuildConfig], tuple[AttentionFn, Callable[[], int]]] | None = None

@@ -11,6 +11,9 @@ MEASURE_COLUMNS = ("device", "dtype", "B", "H", "T", "D", "causal", "mode", "sta
                    "time_ms_max", "time_ms_iqr", "repeats", "tokens_per_s", "peak_mem_bytes",
                    "peak_mem_over_inputs_bytes", "input_bytes", "floor_bytes", "page_faults_per_pass", "nproc",
                    "comm_bytes_per_step", "rank_peak_mem_bytes", "refine", "threads", "error")
+# Columns that must hold numbers (or nothing): anything else in a results file is an error naming it.
+NUMERIC_COLUMNS = ("B", "H", "T", "D", "time_ms", "time_ms_min", "time_ms_max", "time_ms_iqr", "repeats",
+                   "tokens_per_s", "peak_mem_bytes", "peak_mem_over_inputs_bytes", "input_bytes", "floor_bytes")
 # In points.jsonl only: every timed pass of a point (compare's statistics read them from there).
 SAMPLE_COLUMN = "times_ms"
 # What else must be equal for two points to be comparable (compare.py), besides the knobs.

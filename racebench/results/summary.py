@@ -35,3 +35,15 @@ def thresholds(df: pd.DataFrame) -> pd.DataFrame:
             error=None if fail_T is None else g[g["T"] == fail_T].iloc[0]["error"],
         ))
     return pd.DataFrame(rows)
+
+
+def nothing_ran(df: pd.DataFrame) -> str | None:
+    """None when some point completed; else why none did: the first point's status and reason per method."""
+    if (df.status == "ok").any():
+        return None
+    reasons = []
+    for method, g in df.sort_values("T").groupby("method", sort=False):
+        first = g.iloc[0]
+        error = first["error"] if isinstance(first["error"], str) else ""
+        reasons.append(f"{method} {first.status}" + (f" ({error})" if error else ""))
+    return "; ".join(reasons) if reasons else "it recorded no point"

@@ -12,10 +12,12 @@ def methods_table(methods, device: str | None = None) -> Table:
         table.add_column(col, overflow="fold")
     for m in methods:
         why = m.availability(device)
+        notes = [n for d in ([device] if device else m.devices) if (n := m.note(d))]
         knobs = "\n".join(f"{k.option} ({k.describe_default()})" for k in m.knobs) or "-"
         masks = ", ".join(name for name, has in (("non-causal", m.noncausal), ("causal", m.causal)) if has)
+        here = ("[green]yes[/]" + "".join(f" ({n})" for n in notes)) if why is None else f"[red]no[/] ({why})"
         table.add_row(m.name + (" (baseline)" if m.baseline else ""), m.description, knobs, masks,
-                      ", ".join(m.devices), "[green]yes[/]" if why is None else f"[red]no[/] ({why})")
+                      ", ".join(m.devices), here)
     return table
 
 

@@ -4,11 +4,14 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 
 from racebench.methods.race import implementations
 from racebench.methods.registry import ALL, HAS_TRITON, BuildConfig, Knob, Method, register_method
+
+log = logging.getLogger("racebench")
 
 DEFAULT_P = 3
 DEFAULT_L = 3
@@ -102,7 +105,20 @@ def _prepare(device: str) -> None:
     if device == "cpu":
         from racebench.methods.race import native
 
-        native.available()  # builds the native kernels once, in the sweep's process, outside every point's budget
+        # Built once, in the sweep's process, outside every point's budget; the points only import them.
+        if not native.available():
+            log.warning(f"race's native CPU kernels are unavailable ({native.build_error()}): race runs its PyTorch "
+                        "core on the CPU (impl torch in the results)")
+
+
+def _note(device: str) -> str | None:
+    if device != "cpu":
+        return None
+    from racebench.methods.race import native
+
+    state = native.state()
+    return None if state == "built" else f"native CPU kernels {state}" + (
+        "; the PyTorch core runs instead" if state.startswith("cannot") else "")
 
 
 def _sequence_parallel(cfg: BuildConfig):
@@ -116,10 +132,12 @@ def _sequence_parallel(cfg: BuildConfig):
 
 
 def _environment() -> dict:
-    from racebench.methods.race import launch
+    from racebench.methods.race import launch, native
 
-    # How race's Triton kernels are launched (the defaults, or RACEBENCH_KERNEL_CONFIG's file).
-    return {"race_kernel_launch": launch.current(), "race_kernel_config_file": os.environ.get(launch.ENV)}
+    # How race's Triton kernels are launched (the defaults, or RACEBENCH_KERNEL_CONFIG's file), and how its native
+    # CPU kernels were built (compiler, flags, folder) or why they are not.
+    return {"race_kernel_launch": launch.current(), "race_kernel_config_file": os.environ.get(launch.ENV),
+            "race_cpu_kernels": native.build_info()}
 
 
 race = register_method(Method(
@@ -134,6 +152,7 @@ race = register_method(Method(
     limits=_limits,
     impl=_impl,
     prepare=_prepare,
+    note=_note,
     sequence_parallel=_sequence_parallel,
     color="tab:blue",
     presets=frozenset({"default", "paper", "quick", "ci"}),
