@@ -106,15 +106,22 @@ def latest_run(root: Path = RESULTS_DIR) -> Path:
     return runs[-1]
 
 
-def plot(runs: list[Path] | None = None, *, out: Path | None = None, fmt: str = "png") -> list[Path]:
-    """Draw the figures of one or more runs (default: the latest) into `out` (default plots/<run-ids>)."""
-    from racebench.views.plots import FORMATS, save_figures
+def plot(runs: list[Path] | None = None, *, out: Path | None = None, fmt: str = "png", methods: str | None = None,
+         title: bool = True, size: str | None = None, style: str = "paper") -> list[Path]:
+    """Draw the figures of one or more runs (default: the latest) into `out` (default plots/<run-ids>): `methods`
+    a comma-separated selection, `size` 'W,H' in inches, `style` paper or slides."""
+    from racebench.views.plots import FORMATS, FigureOptions, parse_size, save_figures
 
     if fmt not in FORMATS:
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    chosen = tuple(m.strip() for m in methods.split(",") if m.strip()) if methods else None
+    opts = FigureOptions(style=style, size=parse_size(size), title=title, methods=chosen)
     frames = [load_run(p) for p in (runs or [latest_run()])]
     out = out or PLOTS_DIR / "+".join(meta["run_id"] for meta, _ in frames)
-    return save_figures(frames, out, fmt)
+    try:
+        return save_figures(frames, out, fmt, opts)
+    except OSError as exc:
+        raise UsageError(f"cannot write figures into {out}: {exc.strerror}") from None
 
 
 def _report_input(run: Path | None, at: str | None):

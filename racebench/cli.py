@@ -18,6 +18,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.measure import Measurement
 
 from racebench import api
 from racebench.errors import RacebenchError, RunFailedError, UsageError
@@ -28,6 +29,16 @@ err_console = Console(stderr=True, soft_wrap=True)  # one message, one line: nev
 MODES = ("fwd", "bwd", "fwd+bwd")
 Plugins = Annotated[list[Path] | None, typer.Option(
     "--plugin", help="A Python file that registers methods with racebench.register_method; repeatable.")]
+
+
+def show(table) -> None:
+    """A table on standard output: on a terminal at its width; piped (a CI log), as wide as its content needs, so
+    that no header is cut and no value split over lines."""
+    if console.is_terminal:
+        console.print(table)
+        return
+    width = Measurement.get(console, console.options.update_width(10_000), table).maximum
+    Console(width=max(width, 40), highlight=False).print(table)
 
 
 def user_errors(fn):
@@ -52,7 +63,7 @@ def methods(plugin: Plugins = None) -> None:
     """List the attention methods, their knobs, what they support, and whether each can run on this machine."""
     from racebench.views.tables import methods_table
 
-    console.print(methods_table(api.methods(plugin)))
+    show(methods_table(api.methods(plugin)))
 
 
 def sweep(
@@ -118,7 +129,7 @@ def sweep(
                           f"`racebench sweep --resume --out {out_dir}`")
         raise typer.Exit(130) from None
     _, df = api.load_run(store.path)
-    console.print(thresholds_table(df))
+    show(thresholds_table(df))
     console.print(f"results: {store.path}/results.csv  (run.json, points.jsonl beside it)")
     if (why := api.nothing_ran(df)) is not None:
         raise RunFailedError(f"no point of this sweep ran: {why}")
@@ -180,7 +191,7 @@ def env() -> None:
     """Print the environment that every run records in its run.json."""
     from racebench.views.tables import environment_table
 
-    console.print(environment_table(api.environment()))
+    show(environment_table(api.environment()))
 
 
 def plot(
@@ -188,10 +199,16 @@ def plot(
                                                       "runs share one figure, told apart by device.")] = None,
     fmt: Annotated[str, typer.Option("--format", metavar="png|svg|pdf", help="Image format.")] = "png",
     out: Annotated[Path | None, typer.Option(help="Folder for the figures. (default: plots/<run-id>)")] = None,
+    methods: Annotated[str | None, typer.Option(help="Comma-separated methods to draw. (default: all)")] = None,
+    title: Annotated[bool, typer.Option("--title/--no-title", help="Titles naming the configuration.")] = True,
+    size: Annotated[str | None, typer.Option(metavar="W,H", help="Figure size in inches, e.g. 6.5,4. (default: "
+                                             "the style's)")] = None,
+    style: Annotated[str, typer.Option(metavar="paper|slides", help="paper: small type, 300 dpi; slides: large "
+                                       "type, thick lines.")] = "paper",
 ) -> None:
-    """Draw time and peak memory against context length, the largest context per method and the speedup
-    over the baseline method."""
-    for path in api.plot(runs, out=out, fmt=fmt):
+    """Draw time and peak memory against context length, the largest context per method and the speedup over the
+    baseline method, and the headline figure: race's fastest against the fastest softmax, with the crossover."""
+    for path in api.plot(runs, out=out, fmt=fmt, methods=methods, title=title, size=size, style=style):
         console.print(f"wrote {path}")
 
 
@@ -210,8 +227,8 @@ def report(
         write_text(str(markdown), api.report_markdown(run, at=at))
         return
     meta, summary = api.report(run, at=at)
-    console.print(frame_table(summary, f"racebench run {meta['run_id']}: {meta.get('command', '')}"))
-    console.print(environment_table(meta["environment"]))
+    show(frame_table(summary, f"racebench run {meta['run_id']}: {meta.get('command', '')}"))
+    show(environment_table(meta["environment"]))
 
 
 def compare(
@@ -240,11 +257,17 @@ def compare(
     result = api.compare(baseline, candidate, max_slowdown=max_slowdown, max_memory_growth=max_memory_growth,
                          max_threshold_drop=max_threshold_drop, allow_mismatch=allow_mismatch)
     if fmt == "table":
-        out = console if output == "-" else Console(file=io.StringIO(), width=160)
-        if result.mismatches:
-            out.print(f"[yellow]the runs differ:[/] {'; '.join(result.mismatches)}", highlight=False)
-        out.print(views.to_table(result, f"{candidate} against {baseline}"))
-        if output != "-":
+        table = views.to_table(result, f"{candidate} against {baseline}")
+        differ = f"[yellow]the runs differ:[/] {escape('; '.join(result.mismatches))}" if result.mismatches else None
+        if output == "-":
+            if differ:
+                console.print(differ, highlight=False, soft_wrap=True)
+            show(table)
+        else:
+            out = Console(file=io.StringIO(), width=160)
+            if differ:
+                out.print(differ, highlight=False, soft_wrap=True)
+            out.print(table)
             write_text(output, out.file.getvalue())
     else:
         render = views.to_markdown if fmt == "markdown" else views.to_json

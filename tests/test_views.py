@@ -30,6 +30,8 @@ def fixture_run(path, *, scale=1.0, mem_scale=1.0, race_fails_at=None, methods="
         return {"method": method, "T": T, "status": status, "device": "cpu", "dtype": "fp32", "B": 1, "H": 4,
                 "D": 16, "causal": False, "mode": "fwd+bwd", "floor_bytes": floor,
                 "time_ms": scale * (T * T / 1e5 if quadratic else T / 100), "repeats": 5,
+                "time_ms_min": 0.95 * scale * (T * T / 1e5 if quadratic else T / 100),
+                "time_ms_max": 1.1 * scale * (T * T / 1e5 if quadratic else T / 100),
                 "peak_mem_bytes": mem_scale * floor * (1.1 if method == "race" else 3.0),
                 "error": None if status == "ok" else f"{status} here"}
 
@@ -55,11 +57,12 @@ def test_figures_are_labelled_and_mark_thresholds(run_dir):
     ax = figs["time"].axes[0]
     assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
     assert "context length" in ax.get_xlabel() and "time" in ax.get_ylabel()
-    assert "cpu" in ax.get_title() and "B=1" in ax.get_title() and "non-causal" in ax.get_title()
+    title = ax.get_title(loc="left")
+    assert "cpu" in title and "B=1" in title and "non-causal" in title
     methods, marks = (c for c in ax.get_children() if isinstance(c, matplotlib.legend.Legend))
     legend = [t.get_text() for t in methods.get_texts()]
-    assert any(t.startswith("race") and "T^1.00" in t for t in legend)
-    assert any(t.startswith("flash") and "T^2.00" in t for t in legend)
+    assert any(t.startswith("race") and "$T^{1.00}$ over $2^{10}$–$2^{14}$" in t for t in legend)  # fit window
+    assert any(t.startswith("flash") and "$T^{2.00}$ over $2^{10}$–$2^{12}$" in t for t in legend)
     assert "threshold:flash:time-out" in [line.get_gid() for line in ax.lines if line.get_gid()]
     assert "time-out (first pass)" in [t.get_text() for t in marks.get_texts()]  # what the markers mean
     mem = figs["memory"].axes[0]
@@ -72,7 +75,8 @@ def test_figures_are_labelled_and_mark_thresholds(run_dir):
 def test_plot_command_writes_files(run_dir, tmp_path):
     result = runner.invoke(app, ["plot", str(run_dir), "--out", str(tmp_path / "p"), "--format", "svg"], env=ENV)
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["context.svg", "memory.svg", "time.svg"]
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["context.svg", "headline.svg", "memory.svg",
+                                                                  "time.svg"]
 
 
 def test_plot_two_runs_share_a_figure(run_dir, tmp_path):
@@ -81,7 +85,7 @@ def test_plot_two_runs_share_a_figure(run_dir, tmp_path):
     assert result.exit_code == 0, result.output
     assert (tmp_path / "p" / "time.png").stat().st_size > 0
     ax = make_figures([load_run(run_dir), load_run(other)])["time"].axes[0]
-    assert "2 devices or runs" in ax.get_title() and "cpu:base" not in ax.get_title()
+    assert "2 devices or runs" in ax.get_title(loc="left") and "cpu:base" not in ax.get_title(loc="left")
     methods = next(c for c in ax.get_children() if isinstance(c, matplotlib.legend.Legend))
     assert "race (cpu:other)" in [t.get_text().split("  ")[0] for t in methods.get_texts()]
 
@@ -94,7 +98,7 @@ def test_runs_that_split_one_devices_methods_share_its_name(tmp_path):
     ax = figs["time"].axes[0]
     methods = next(c for c in ax.get_children() if isinstance(c, matplotlib.legend.Legend))
     assert [t.get_text().split("  ")[0] for t in methods.get_texts()] == ["race", "flash", "linear"]
-    assert "cpu," in ax.get_title() and "devices or runs" not in ax.get_title()
+    assert "cpu," in ax.get_title(loc="left") and "devices or runs" not in ax.get_title(loc="left")
     gids = {line.get_gid() for line in figs["memory"].axes[0].lines}
     assert {"budget:cpu, race", "budget:cpu, others"} <= gids  # each run's own budget, named
 
@@ -168,3 +172,118 @@ def test_missing_optional_columns_are_tolerated(run_dir, tmp_path):
     df.to_csv(run_dir / "results.csv", index=False)
     result = runner.invoke(app, ["report", str(run_dir)], env=ENV)
     assert result.exit_code == 0, result.output
+
+
+def test_piped_sweep_output_keeps_every_header_and_prints_a_line_per_point(tmp_path):
+    result = runner.invoke(app, ["sweep", "--methods", "linear,performer", "--lengths", "64,128", "-H", "1", "-D", "16",
+                                 "--repeats", "1", "--warmup", "0", "--out", str(tmp_path / "run")],
+                           env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    for header in ("largest T done", "peak memory", "peak / floor", "threshold", "cause", "performer"):
+        assert header in result.output
+    assert "…" not in result.output and " 4/4 " not in result.output  # nothing cut; no progress bar in a log
+    points = [line for line in result.output.splitlines() if line.startswith(("  linear ", "  performer "))]
+    assert len(points) == 4 and all(" ok " in line for line in points)
+
+
+def test_eta_extrapolates_each_method_from_its_finished_points():
+    from racebench.views.progress import Eta
+
+    eta = Eta(build_spec(methods="race,linear", lengths="1K,2K,4K,8K", time_budget="60s"))
+    eta.record("race", 1024, {"status": "ok", "point_wall_s": 1.0})
+    eta.record("race", 2048, {"status": "ok", "point_wall_s": 2.0})
+    # race: 4K and 8K at its measured growth (2 s -> 4 s -> 8 s); linear not started: race's mean point, 1.5 s, x 4
+    assert eta.seconds() == pytest.approx(4 + 8 + 4 * 1.5)
+    eta.record("linear", 1024, {"status": "oom", "point_wall_s": 3.0})  # linear's longer lengths will be skipped
+    assert eta.seconds() == pytest.approx(4 + 8)
+    eta.record("race", 4096, {"status": "ok", "point_wall_s": 16.0})  # growing as T^3 now: 128 s, over the cap
+    assert eta.seconds() == pytest.approx(60 + 15)  # the time budget and the grace the runner gives a point
+
+
+def _legend_labels(ax) -> list[str]:
+    return [t.get_text() for c in ax.get_children() if isinstance(c, matplotlib.legend.Legend) for t in c.get_texts()]
+
+
+def test_colours_and_markers_follow_the_method_not_the_order(tmp_path):
+    one = make_figures([load_run(fixture_run(tmp_path / "a", methods="race,flash,linear"))])["time"].axes[0]
+    two = make_figures([load_run(fixture_run(tmp_path / "b", methods="linear,race"))])["time"].axes[0]
+    def styles(ax):
+        return {line.get_label().split("  ")[0]: (line.get_color(), line.get_marker()) for line in ax.lines
+                if not line.get_gid() and not line.get_label().startswith("_")}
+    first, second = styles(one), styles(two)
+    assert first["race"] == second["race"] and first["linear"] == second["linear"]
+    assert len({style for style in first.values()}) == 3  # each method its own colour and marker
+
+
+H200 = "results/h200-gpu-check-2/"
+
+
+@pytest.mark.parametrize("runs", [["fixture"], ["results/default-cpu"],
+                                  [H200 + "paper-gpu-race", H200 + "paper-gpu-others"], [H200 + "causal-gpu"]],
+                         ids=["fixture", "default-cpu", "h200", "h200-causal"])
+@pytest.mark.parametrize("style", ["paper", "slides"])
+def test_no_text_of_any_figure_overlaps_another(run_dir, runs, style):
+    from pathlib import Path
+
+    from racebench.views.plots import FigureOptions, overlapping_texts
+
+    root = Path(__file__).parent.parent
+    frames = [load_run(run_dir if r == "fixture" else root / r) for r in runs]
+    for name, fig in make_figures(frames, FigureOptions(style=style)).items():
+        assert overlapping_texts(fig) == [], name
+
+
+def test_overlap_check_sees_an_overlap(run_dir):
+    from racebench.views.plots import overlapping_texts
+
+    fig = make_figures([load_run(run_dir)])["time"]
+    ax = fig.axes[0]
+    ax.text(2048, 1.0, "first label")
+    ax.text(2048, 1.0, "second label")
+    assert ("first label", "second label") in overlapping_texts(fig)
+
+
+def test_context_panel_says_why_each_method_stopped_and_ends_near_the_data(run_dir, tmp_path):
+    worse = fixture_run(tmp_path / "worse", race_fails_at=8192)
+    left = make_figures([load_run(worse)])["context"].axes[0]
+    stops = {t.get_gid(): t.get_text() for t in left.texts}
+    assert stops["stop:race"] == "$2^{12}$, then out of memory"
+    assert stops["stop:flash"] == "$2^{12}$, then time-out"
+    assert stops["stop:linear"] == "$2^{14}$, the sweep's end"
+    assert left.get_xlim()[1] <= 2**14 * 2
+
+
+def test_headline_figure_marks_the_crossover(tmp_path):
+    import pandas as pd
+
+    from racebench.views.plots import crossover
+
+    lengths = [256, 512, 1024, 2048, 4096]
+    subject = pd.DataFrame({"T": lengths, "time_ms": [T / 100 for T in lengths]})
+    other = pd.DataFrame({"T": lengths, "time_ms": [T * T / 1e5 for T in lengths]})
+    assert crossover(subject, other) == pytest.approx(1000)  # where T / 100 = T^2 / 1e5
+    assert crossover(other, subject) is None  # never becomes faster
+    figs = make_figures([load_run(fixture_run(tmp_path / "run"))])
+    labels = _legend_labels(figs["headline"].axes[0])
+    assert labels[0].startswith("fastest race (race)") and "largest $2^{14}$, then the sweep's end" in labels[0]
+    assert labels[1].startswith("fastest softmax (flash)") and "largest $2^{12}$, then time-out" in labels[1]
+
+
+def test_plot_options(run_dir, tmp_path):
+    from racebench.views.plots import FigureOptions
+
+    figs = make_figures([load_run(run_dir)], FigureOptions(methods=("race", "flash"), title=False, size=(4, 3)))
+    ax = figs["time"].axes[0]
+    names = [t.split("  ")[0] for t in _legend_labels(ax)]
+    assert names[:2] == ["race", "flash"] and "linear" not in names
+    assert ax.get_title(loc="left") == "" and tuple(figs["time"].get_size_inches()) == (4, 3)
+    assert ax.xaxis.get_major_formatter()(4096, 0) == "$2^{12}$"
+    assert "spread:race" in {c.get_gid() for c in ax.collections}  # min to max of the timed passes
+    out = tmp_path / "p"
+    result = runner.invoke(app, ["plot", str(run_dir), "--out", str(out), "--style", "slides", "--methods", "race",
+                                 "--no-title", "--size", "8,5"], env=ENV)
+    assert result.exit_code == 0, result.output
+    for args, message in ((["--size", "8"], "--size takes width,height"), (["--style", "poster"], "--style must be"),
+                          (["--methods", "nosuch"], "nosuch not in these runs")):
+        result = runner.invoke(app, ["plot", str(run_dir), "--out", str(out), *args], env=ENV)
+        assert result.exit_code == 2 and message in result.output, result.output

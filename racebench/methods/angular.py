@@ -52,5 +52,7 @@ angular = register_method(Method(
     reference=lambda cfg: _build(cfg, angular_reference),
     knobs=(GAMMA,),
     color="tab:pink",
+    marker="p",
+    family="angular",
     presets=frozenset({"default", "paper"}),
 ))

@@ -130,6 +130,8 @@ linear = register_method(Method(
     reference=lambda cfg: _linear(cfg, reference=True),
     knobs=(LINEAR_CHUNK,),
     color="tab:red",
+    marker=">",
+    family="linear",
     presets=frozenset({"default", "paper", "quick", "ci"}),
 ))
 performer = register_method(Method(
@@ -139,6 +141,8 @@ performer = register_method(Method(
     reference=lambda cfg: _performer(cfg, reference=True),
     knobs=(FEATURES, LINEAR_CHUNK),
     color="tab:purple",
+    marker="*",
+    family="linear",
     presets=frozenset({"default", "paper"}),
 ))
 linformer = register_method(Method(
@@ -149,5 +153,7 @@ linformer = register_method(Method(
     knobs=(LINFORMER_K,),
     causal=False,
     color="tab:brown",
+    marker="h",
+    family="low-rank",
     presets=frozenset({"default", "paper"}),
 ))

@@ -36,6 +36,8 @@ DTYPE_ALIASES = {"fp32": "fp32", "float32": "fp32", "float": "fp32", "bf16": "bf
                  "double": "fp64"}
 _TORCH_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp64": "float64"}
 ENTRY_POINT_GROUP = "racebench.methods"
+# The headline figure: the fastest method of the first family against the fastest of the second, at each length.
+HEADLINE_FAMILIES = ("race", "softmax")
 # Set in a sweep's point processes: a method finds there what its `prepare` built in the sweep's process, and never
 # compiles anything itself (the time would count against the point's budget).
 NO_BUILD_ENV = "RACEBENCH_NO_BUILD"
@@ -178,6 +180,10 @@ class Method:
     sequence_parallel: Callable[[BuildConfig], tuple[AttentionFn, Callable[[], int]]] | None = None
     baseline: bool = False  # the method speedups are measured against
     color: str | None = None  # fixed plot colour (any matplotlib colour)
+    marker: str | None = None  # fixed plot marker (any matplotlib marker)
+    # What it computes, for figures that compare kinds (the headline figure: HEADLINE_FAMILIES): 'softmax' for exact
+    # softmax attention through any kernel, 'race', 'linear', ...
+    family: str | None = None
     presets: frozenset[str] = frozenset()  # the presets whose method list it belongs to
     # What run.json records of this method's set-up (e.g. its kernels' launch options).
     environment: Callable[[], dict] | None = None

@@ -87,6 +87,8 @@ register_method(Method(
     impl=lambda cfg: "flash_attn.flash_attn_func" if cfg.device == "cuda" and HAS_FLASH_ATTN else "sdpa-flash",
     baseline=True,
     color="tab:green",
+    marker="s",
+    family="softmax",
     presets=frozenset({"default", "paper", "quick", "ci"}),
 ))
 register_method(Method(
@@ -98,21 +100,25 @@ register_method(Method(
     unavailable=_flash3_unavailable,
     impl=lambda cfg: "flash_attn_interface.flash_attn_func",
     color="darkgreen",
+    marker="P",
+    family="softmax",
 ))
-# One SDPA backend each: (name, SDPBackend member, what it is, device -> dtypes, colour).
+# One SDPA backend each: (name, SDPBackend member, what it is, device -> dtypes, colour, marker).
 _SDPA_ONLY = (
-    ("sdpa-efficient", "EFFICIENT_ATTENTION", "memory-efficient", {"cuda": ALL}, "tab:olive"),
-    ("sdpa-cudnn", "CUDNN_ATTENTION", "cuDNN", {"cuda": HALF}, "yellowgreen"),
-    ("sdpa-math", "MATH", "math (unfused)", {"cpu": ALL, "cuda": ALL}, "tab:gray"),
+    ("sdpa-efficient", "EFFICIENT_ATTENTION", "memory-efficient", {"cuda": ALL}, "tab:olive", "^"),
+    ("sdpa-cudnn", "CUDNN_ATTENTION", "cuDNN", {"cuda": HALF}, "yellowgreen", "v"),
+    ("sdpa-math", "MATH", "math (unfused)", {"cpu": ALL, "cuda": ALL}, "tab:gray", "<"),
 )
-for _name, _backend, _what, _devices, _color in _SDPA_ONLY:
+for _name, _backend, _what, _devices, _color, _marker in _SDPA_ONLY:
     register_method(Method(name=_name, description=f"PyTorch SDPA restricted to its {_what} backend",
                            build=_sdpa(_backend), reference=_reference, devices=_devices,
-                           impl=lambda cfg, n=_name: n, color=_color))
+                           impl=lambda cfg, n=_name: n, color=_color, marker=_marker, family="softmax"))
 register_method(Method(
     name="softmax-naive",
     description="Softmax attention with explicit T x T scores (runs out of memory first)",
     build=_reference,
     reference=_reference,
     color="black",
+    marker="x",
+    family="softmax",
 ))

@@ -1,8 +1,10 @@
-"""The live progress bar of a sweep."""
+"""A sweep's progress: one line per finished point, and on a terminal a live bar with an ETA from the predicted
+time of the points left. Piped (a CI log), the lines alone, never wrapped."""
 
 from __future__ import annotations
 
 import contextlib
+import math
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -12,15 +14,59 @@ from racebench.bench.units import format_length, format_ms
 
 _STYLE = {"ok": "green", "oom": "red", "timeout": "yellow", "skipped": "dim", "error": "red",
           "nonfinite": "red", "unsupported": "dim"}
+_RAN = ("ok", "oom", "timeout", "error", "nonfinite")  # statuses of points that took a process's time
+
+
+class Eta:
+    """Seconds the points left will take: per method, the wall time of its next lengths extrapolated from its last
+    two finished points (power law, at least linear, at most the time budget); a method that failed or was never
+    run costs nothing more; a method not started yet costs what the started ones' points did on average."""
+
+    def __init__(self, spec: SweepSpec):
+        self.spec = spec
+        self.walls: dict[str, list[tuple[int, float]]] = {m: [] for m in spec.methods}
+        self.stopped: set[str] = set()
+        self.done: set[tuple[str, int]] = set()
+
+    def record(self, method: str, T: int, row: dict) -> None:
+        self.done.add((method, T))
+        if row["status"] == "ok" and row.get("point_wall_s") is not None:
+            self.walls[method].append((T, float(row["point_wall_s"])))
+        elif row["status"] in ("oom", "timeout", "unsupported"):
+            self.stopped.add(method)
+
+    def _predict(self, method: str, T: int) -> float:
+        cap = self.spec.time_budget_s + 15
+        pts = sorted(self.walls[method])[-2:]
+        if not pts:
+            every = [w for ws in self.walls.values() for _, w in ws]
+            return min(sum(every) / len(every), cap) if every else min(10.0, cap)
+        if len(pts) == 1:
+            return min(pts[0][1] * T / pts[0][0], cap)
+        (t1, w1), (t2, w2) = pts
+        k = max(1.0, math.log(w2 / w1) / math.log(t2 / t1)) if w1 > 0 and w2 > 0 and t2 > t1 else 1.0
+        return min(w2 * (T / t2) ** k, cap)
+
+    def seconds(self) -> float:
+        return sum(self._predict(m, T) for m in self.spec.methods if m not in self.stopped
+                   for T in self.spec.lengths if (m, T) not in self.done)
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 @contextlib.contextmanager
 def sweep_progress(spec: SweepSpec, console: Console):
-    """Yields a progress callback for run_sweep: points done of total, the current point, elapsed time."""
+    """Yields a progress callback for run_sweep(method, T, row): row None as a point starts, its row when done."""
+    live = console.is_terminal
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), console=console, transient=False)
-    task = progress.add_task("starting", total=len(spec.methods) * len(spec.lengths))
+                        TimeElapsedColumn(), TextColumn("{task.fields[eta]}"), console=console, transient=False,
+                        disable=not live)
+    task = progress.add_task("starting", total=len(spec.methods) * len(spec.lengths), eta="")
     seen: set[tuple[str, int]] = set()
+    eta = Eta(spec)
 
     def update(method: str, T: int, row: dict | None) -> None:
         if (method, T) not in seen and T not in spec.lengths:  # a --refine point
@@ -29,11 +75,12 @@ def sweep_progress(spec: SweepSpec, console: Console):
         if row is None:
             progress.update(task, description=f"{method} T={format_length(T)}")
             return
+        eta.record(method, T, row)
         status = row["status"]
         detail = format_ms(row.get("time_ms")) if status == "ok" else (row.get("error") or "")[:80]
-        progress.console.print(f"  {method:<14} T={format_length(T):<8} [{_STYLE.get(status, '')}]{status:<11}[/] "
-                               f"{detail}", highlight=False)
-        progress.advance(task)
+        console.print(f"  {method:<14} T={format_length(T):<8} [{_STYLE.get(status, '')}]{status:<11}[/] {detail}",
+                      highlight=False, soft_wrap=not live)
+        progress.update(task, advance=1, eta=f"about {_clock(eta.seconds())} left")
 
     with progress:
         yield update

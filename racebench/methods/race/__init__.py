@@ -155,6 +155,8 @@ race = register_method(Method(
     note=_note,
     sequence_parallel=_sequence_parallel,
     color="tab:blue",
+    marker="o",
+    family="race",
     presets=frozenset({"default", "paper", "quick", "ci"}),
     environment=_environment,
 ))
@@ -166,6 +168,8 @@ race_torch = register_method(Method(
     knobs=RACE_KNOBS,
     limits=_sequence_parallel_limits,
     color="tab:cyan",
+    marker="d",
+    family="race",
 ))
 
 
@@ -185,5 +189,7 @@ race_paper_method = register_method(Method(
     knobs=(P, L, dataclasses.replace(BETA, default=paper_beta, default_help="1 non-causal, 1/sqrt(D) causal"), M,
            dataclasses.replace(NORMALIZE, choices=("bucket",), default="bucket")),
     color="tab:orange",
+    marker="D",
+    family="race",
     presets=frozenset({"default", "paper", "ci"}),
 ))
