@@ -11,7 +11,7 @@ TORCH ?= torch==2.13.0
 PIP_FLAGS ?= -q --disable-pip-version-check
 BIN := $(VENV)/bin
 
-.PHONY: install run test test-fast lint bench-race bench-race-alloc bench-race-2e20 gpu-check clean
+.PHONY: install run test test-fast lint bench-race bench-race-alloc bench-race-2e20 bench-decode gpu-check clean
 
 install:
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -62,6 +62,12 @@ bench-race-2e20: install
 	@test -f $(JEMALLOC) || { echo "no jemalloc at $(JEMALLOC): apt-get install libjemalloc2, or JEMALLOC=path"; exit 2; }
 	$(BENCH_2E20) --out results/bench-race-2e20-glibc-$(STAMP)
 	LD_PRELOAD=$(JEMALLOC) $(JEMALLOC_CONF) $(BENCH_2E20) --out results/bench-race-2e20-jemalloc-$(STAMP)
+
+# Inference on the CPU (docs/inference.md): prefill, then 64 tokens decoded one at a time, race, flash and linear.
+bench-decode: install
+	$(BIN)/racebench sweep --mode decode --methods race,flash,linear --lengths 2^12,2^14,2^16,2^18,2^20 \
+		--time-budget 3m --out results/decode-cpu-$(STAMP)
+	$(BIN)/racebench plot results/decode-cpu-$(STAMP) --out plots/decode-cpu-$(STAMP)
 
 # Every GPU check and timing within a 470 s deadline, with the machine's own python (nothing installed): ceilings,
 # smoke, tuning, paper-protocol and causal sweeps, plots, reports, targets, then the native GPU tests (333 s in all

@@ -21,6 +21,8 @@ _API = {
     "load_plugin": "racebench.methods.registry",
     "register_method": "racebench.methods.registry",
     "race_attention": "racebench.methods.race.functional",
+    "race_generate": "racebench.methods.race.generate",
+    "Decoder": "racebench.methods.registry",
     "make_planes": "racebench.methods.race.hashing",
     "soft_hash": "racebench.methods.race.hashing",
     "assert_matches_reference": "racebench.testing",

@@ -7,7 +7,7 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
-from racebench.bench.spec import PRESETS
+from racebench.bench.spec import MODES, PRESETS
 from racebench.errors import UsageError
 from racebench.methods.registry import DTYPES, load_plugins
 from racebench.results.store import load_meta, load_run
@@ -15,9 +15,9 @@ from racebench.results.store import load_meta, load_run
 RESULTS_DIR = Path("results")
 PRESET_NAMES = tuple(PRESETS)
 PLOTS_DIR = Path("plots")
-__all__ = ["DTYPES", "PRESET_NAMES", "load_plugins", "resolve_device", "baseline_dir", "methods", "environment",
-           "sweep_spec", "resumed_spec", "new_run_dir", "sweep", "latest_run", "load_run", "plot", "report",
-           "report_markdown", "compare", "nothing_ran"]
+__all__ = ["DTYPES", "MODES", "PRESET_NAMES", "load_plugins", "resolve_device", "baseline_dir", "methods",
+           "environment", "sweep_spec", "resumed_spec", "new_run_dir", "sweep", "latest_run", "load_run", "plot",
+           "report", "report_markdown", "compare", "nothing_ran"]
 
 
 def methods(plugins=()) -> list:

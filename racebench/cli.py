@@ -26,7 +26,6 @@ from racebench.version import __version__
 
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)  # one message, one line: never wrapped
-MODES = ("fwd", "bwd", "fwd+bwd")
 Plugins = Annotated[list[Path] | None, typer.Option(
     "--plugin", help="A Python file that registers methods with racebench.register_method; repeatable.")]
 
@@ -85,7 +84,8 @@ def sweep(
                                               "float64. (default: bf16 on CUDA, fp32 on CPU)")] = None,
     causal: Annotated[bool | None, typer.Option("--causal/--non-causal", help="Causal masking. "
                                                 "(default: non-causal, as in the paper)")] = None,
-    mode: Annotated[str | None, typer.Option(metavar="|".join(MODES), help="What one timed pass is. "
+    mode: Annotated[str | None, typer.Option(metavar="|".join(api.MODES), help="What one timed pass is; prefill "
+                                             "and decode are causal inference. "
                                              "(default: fwd+bwd, as in the paper)")] = None,
     warmup: Annotated[int | None, typer.Option(help="Warm-up passes per point. (default: 2; the sweep with no "
                                                "options: 1)")] = None,
@@ -101,6 +101,8 @@ def sweep(
     out: Annotated[Path | None, typer.Option(help="Run folder. (default: results/<run-id>)")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the interrupted run in --out, skipping finished "
                                          "points.")] = False,
+    decode_tokens: Annotated[int | None, typer.Option(help="--mode decode: tokens decoded one at a time after the "
+                                                      "prompt of T. (default: 64)")] = None,
     nproc: Annotated[int | None, typer.Option(help="Run each point across this many local processes, the "
                                               "sequence split between them (methods with a sequence-parallel "
                                               "form; each process gets --memory-budget). (default: 1)")] = None,
@@ -116,7 +118,7 @@ def sweep(
     options = dict(preset=preset, methods=methods, lengths=lengths, min_len=min_len, max_len=max_len, growth=growth,
                    batch=batch, heads=heads, head_dim=head_dim, dtype=dtype, device=device, causal=causal, mode=mode,
                    warmup=warmup, repeats=repeats, time_budget=time_budget, memory_budget=memory_budget,
-                   refine=refine, seed=seed, knobs=knobs, nproc=nproc, plugins=plugin)
+                   refine=refine, seed=seed, knobs=knobs, nproc=nproc, plugins=plugin, decode_tokens=decode_tokens)
     spec = api.resumed_spec(out, options) if resume else api.sweep_spec(**options, oversubscribe=oversubscribe)
     out_dir = out or api.new_run_dir(spec)
     command = shlex.join(["racebench", *sys.argv[1:]])

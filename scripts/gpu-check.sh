@@ -4,7 +4,7 @@
 # and the fastest kept (benchmarks/tune_kernels.py), the paper-protocol sweep
 # (B=1, H=4, D=128, bf16, non-causal, fwd+bwd) of race, race-torch, race-paper, flash, linear and performer from
 # 2^12 to each method's threshold (race's OOM threshold, under the device's whole memory, refined to 5%), a
-# causal sweep of race against flash for their crossover, then plots, reports and the GPU targets of docs/gpu-results.md, and
+# causal sweep of race against flash for their crossover, a decode sweep (prefill, then 64 tokens one at a time), then plots, reports and the GPU targets of docs/gpu-results.md, and
 # last the native GPU tests (the engine's CUDA paths, the methods, the kernels), all under $OUT.
 #
 #   OUT=/tmp/gpu scripts/gpu-check.sh        # or: make gpu-check (OUT defaults to results/gpu-check)
@@ -18,7 +18,7 @@
 # without the tune stage the sweeps take the launch options RACEBENCH_KERNEL_CONFIG names, if any (e.g. the file
 # results/h200-gpu-check-2/kernel-config.json).
 # A dry run of the plumbing on a CPU (the kernels on Triton's interpreter):
-#   DEVICE=cpu MAX_LEN=2^14 OTHERS_MAX_LEN=2^14 CAUSAL_MAX_LEN=2^12 OUT=/tmp/dry scripts/gpu-check.sh
+#   DEVICE=cpu MAX_LEN=2^14 OTHERS_MAX_LEN=2^14 CAUSAL_MAX_LEN=2^12 DECODE_MAX_LEN=2^14 OUT=/tmp/dry scripts/gpu-check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-results/gpu-check}
@@ -27,6 +27,7 @@ DEVICE=${DEVICE:-cuda}
 MAX_LEN=${MAX_LEN:-2^26}  # past the floor-limited length of a 141 GB H200 (2^24.3), so race meets its OOM
 CAUSAL_MAX_LEN=${CAUSAL_MAX_LEN:-2^20}
 OTHERS_MAX_LEN=${OTHERS_MAX_LEN:-2^22}
+DECODE_MAX_LEN=${DECODE_MAX_LEN:-2^20}
 [ "$DEVICE" = cuda ] || export TRITON_INTERPRET=1
 # Compiled kernels shared by every stage and every point's process, in a directory sure to be writable.
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/racebench-triton-cache}
@@ -84,9 +85,13 @@ stage sweep-others 130 "${SWEEP[@]}" --methods race-torch,race-paper,flash,linea
     --max-len "$OTHERS_MAX_LEN" --time-budget 10s --out "$OUT/paper-gpu-others"
 stage sweep-causal 60 "${SWEEP[@]}" --causal --methods race,flash --min-len 2^10 --max-len "$CAUSAL_MAX_LEN" \
     --growth 4 --time-budget 15s --out "$OUT/causal-gpu"
+# Inference: prefill T tokens, then 64 decoded one at a time (race's fixed state against softmax's growing cache).
+stage sweep-decode 45 "${SWEEP[@]}" --mode decode --methods race,flash,linear --min-len 2^12 \
+    --max-len "$DECODE_MAX_LEN" --growth 4 --time-budget 10s --out "$OUT/decode-gpu"
 stage plots 20 "$PY" -m racebench plot "$OUT/paper-gpu-race" "$OUT/paper-gpu-others" --out "$OUT/plots/paper-gpu"
 stage plots-causal 10 "$PY" -m racebench plot "$OUT/causal-gpu" --out "$OUT/plots/causal-gpu"
-for run in paper-gpu-race paper-gpu-others causal-gpu; do
+stage plots-decode 10 "$PY" -m racebench plot "$OUT/decode-gpu" --out "$OUT/plots/decode-gpu"
+for run in paper-gpu-race paper-gpu-others causal-gpu decode-gpu; do
     stage "report-$run" 10 "$PY" -m racebench report "$OUT/$run" --markdown "$OUT/report-$run.md"
 done
 stage targets 10 "$PY" benchmarks/gpu_targets.py "$OUT/paper-gpu-race" "$OUT/paper-gpu-others" \

@@ -127,7 +127,9 @@ def test_race_approaches_angular_attention():
     Each table is an independent unbiased (as beta -> inf) estimate of the collision weight
     (1 - theta/pi)^P, so the error of the ratio estimator shrinks like 1/sqrt(L). We measure the error
     relative to how far exact attention moves away from the plain mean of v (the signal), and require:
-    an error under 0.15 at L = 8192, and a drop by at least 5x from L = 64 (1/sqrt(128) = 11x expected)."""
+    an error under 0.25 at L = 8192, and a drop by at least 5x from L = 64 (1/sqrt(128) = 11x expected). Over seeds
+    0..299 the error at 8192 had median 0.091 and maximum 0.181 (0.15, the bound before, failed 1 seed in 200), and
+    the drop was 8.2x to 14x."""
     gen = torch.Generator().manual_seed(int(torch.randint(2**31, ())))
     T, D, P = 256, 32, 3
     q = clustered(T, D, 4, 0.3, gen)[None, None]
@@ -140,7 +142,7 @@ def test_race_approaches_angular_attention():
         planes = make_planes(L, P, D, seed=int(torch.randint(10**6, (1,), generator=gen))).double()
         est = race_attention(q, k, v, planes, beta=200.0, eps=0)
         errs[L] = ((est - exact).norm() / signal).item()
-    assert errs[8192] < 0.15, errs
+    assert errs[8192] < 0.25, errs
     assert errs[8192] < errs[64] / 5, errs
 
 

@@ -99,8 +99,8 @@ class MethodState:
     failed: tuple[int, str] | None = None  # (T, status)
 
     def update(self, row: dict) -> None:
-        if row["status"] == "ok":
-            self.ok.append((row["T"], row["time_ms"]))
+        if row["status"] == "ok":  # a decode point's time_ms is per token: its pass is the prefill and the tokens
+            self.ok.append((row["T"], row.get("pass_ms") or row["time_ms"]))
         elif row["status"] in FAILURES and (self.failed is None or row["T"] < self.failed[0]):
             self.failed = (row["T"], row["status"])
 
@@ -125,7 +125,7 @@ def _plan_row(spec: SweepSpec, method: str, state: MethodState, T: int) -> dict 
         return point_row(spec, method, T, status="skipped",
                          error=f"{state.failed[1]} at T = {state.failed[0]}; longer lengths not tried")
     predicted = state.predict_ms(T)
-    passes = spec.warmup + spec.repeats + 1
+    passes = spec.passes
     if predicted is not None and predicted * passes / 1e3 > spec.time_budget_s:
         return point_row(spec, method, T, status="skipped", predicted_ms=predicted, error=(
             f"predicted {predicted / 1e3:.3g} s per pass x {passes} passes exceeds the "

@@ -13,6 +13,7 @@ import psutil
 from racebench.bench.units import geometric_lengths, parse_bytes, parse_duration, parse_length, parse_lengths
 from racebench.errors import UsageError
 from racebench.methods.registry import (
+    DECODE_MODES,
     DTYPE_ALIASES,
     BuildConfig,
     dtype_name,
@@ -23,7 +24,7 @@ from racebench.methods.registry import (
     torch_dtype,
 )
 
-MODES = ("fwd", "bwd", "fwd+bwd")
+MODES = ("fwd", "bwd", "fwd+bwd", *DECODE_MODES)  # prefill, decode: inference from a method's Decoder
 
 # Each preset fills the options the user left out; its methods are those whose record names the preset's tag.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -70,24 +71,37 @@ class SweepSpec:
     knobs: dict[str, Any] = field(default_factory=dict)
     preset: str = "default"
     nproc: int = 1  # ranks of a sequence-parallel point, each with its own memory budget
+    decode_tokens: int = 64  # --mode decode: tokens decoded one at a time after a prompt of T
     plugins: tuple[str, ...] = ()  # files of users' methods, loaded by every process of the sweep
 
     @property
     def torch_dtype(self):
         return torch_dtype(self.dtype)
 
+    @property
+    def passes(self) -> int:
+        """Passes a point runs, for predicting whether the next length fits the time budget. A decode point's one
+        timed pass holds its samples (one per token): first, memory, warm-up and timed passes."""
+        if self.mode == "decode":
+            return 3 + max(self.warmup - 1, 1)
+        return self.warmup + self.repeats + 1
+
+    def tokens(self, T: int) -> int:
+        """Tokens of a point's inputs: T, and the tokens decoded after them in decode mode."""
+        return T + (self.decode_tokens if self.mode == "decode" else 0)
+
     def input_bytes(self, T: int) -> int:
         """q, k, v: what every point allocates before the method runs."""
-        return 3 * self.B * self.H * T * self.D * self.torch_dtype.itemsize
+        return 3 * self.B * self.H * self.tokens(T) * self.D * self.torch_dtype.itemsize
 
     def floor_bytes(self, T: int) -> int:
-        """The protocol's memory floor: q, k, v, o, dq, dk, dv must exist (DESIGN.md)."""
-        n = {"fwd": 4, "bwd": 7, "fwd+bwd": 7}[self.mode]
-        return n * self.B * self.H * T * self.D * self.torch_dtype.itemsize
+        """The protocol's memory floor: q, k, v, o (and dq, dk, dv when training) must exist (DESIGN.md)."""
+        n = {"fwd": 4, "bwd": 7, "fwd+bwd": 7, "prefill": 4, "decode": 4}[self.mode]
+        return n * self.B * self.H * self.tokens(T) * self.D * self.torch_dtype.itemsize
 
     def build_config(self, T: int) -> BuildConfig:
         return BuildConfig(self.B, self.H, T, self.D, self.dtype, self.device, self.causal, self.seed, self.knobs,
-                           self.nproc)
+                           self.nproc, self.mode, self.decode_tokens if self.mode == "decode" else 0)
 
     def unsupported_reason(self, method: str) -> str | None:
         """Why `method` cannot run in this sweep, or None (the method record's `supports`). Asked by the runner
@@ -193,7 +207,8 @@ def build_spec(*, preset: str | None = None, methods: str | None = None, lengths
                mode: str | None = None, warmup: int | None = None, repeats: int | None = None,
                time_budget: str | None = None, memory_budget: str | None = None, refine: float | None = None,
                seed: int | None = None, knobs: dict[str, Any] | None = None, nproc: int | None = None,
-               plugins: list[str] | tuple[str, ...] | None = None, oversubscribe: bool = False) -> SweepSpec:
+               plugins: list[str] | tuple[str, ...] | None = None, oversubscribe: bool = False,
+               decode_tokens: int | None = None) -> SweepSpec:
     """Options as the CLI gives them (None = not given) -> a validated SweepSpec. `oversubscribe` lets --nproc
     exceed the usable cores."""
     plugin_paths = tuple(str(Path(p).expanduser().resolve()) for p in plugins or ())
@@ -247,7 +262,8 @@ def build_spec(*, preset: str | None = None, methods: str | None = None, lengths
         methods=method_names, lengths=tuple(lens),
         B=_positive_int("batch", opts.get("batch", 1)), H=_positive_int("heads", opts.get("heads", 4)),
         D=_positive_int("head-dim", opts.get("head_dim", 128)), dtype=dtype, device=device,
-        causal=bool(opts.get("causal", False)), mode=mode,
+        causal=bool(opts.get("causal", mode in DECODE_MODES)), mode=mode,
+        decode_tokens=_positive_int("decode-tokens", opts.get("decode_tokens", 64)),
         warmup=_count("warmup", opts.get("warmup", 2), 0), repeats=_positive_int("repeats", opts.get("repeats", 5)),
         time_budget_s=parse_duration(opts.get("time_budget", "60s")), memory_budget_bytes=budget,
         refine=float(refine_prec) if refine_prec is not None else None, seed=int(opts.get("seed", 0)),
@@ -257,6 +273,10 @@ def build_spec(*, preset: str | None = None, methods: str | None = None, lengths
     if spec.nproc > usable_cores() and not oversubscribe:
         raise UsageError(f"--nproc {spec.nproc}: racebench may use {usable_cores()} cores here, and more processes "
                          "than cores measure their contention, not the method (--oversubscribe runs it anyway)")
+    if spec.mode in DECODE_MODES and not spec.causal:
+        raise UsageError(f"--mode {spec.mode} is causal inference: leave out --non-causal")
+    if "decode_tokens" in given and spec.mode != "decode":
+        raise UsageError("--decode-tokens applies to --mode decode")
     if spec.nproc > 1 and spec.mode != "fwd+bwd":
         raise UsageError("--nproc measures fwd+bwd steps only")
     need = spec.input_bytes(-(-spec.lengths[0] // spec.nproc))  # what one rank holds
@@ -271,7 +291,7 @@ _OPTION_FIELDS = dict(preset="preset", methods="methods", lengths="lengths", min
                       growth="lengths", batch="B", heads="H", head_dim="D", dtype="dtype", device="device",
                       causal="causal", mode="mode", warmup="warmup", repeats="repeats", time_budget="time_budget_s",
                       memory_budget="memory_budget_bytes", refine="refine", seed="seed", nproc="nproc",
-                      plugins="plugins")
+                      plugins="plugins", decode_tokens="decode_tokens")
 
 
 def resume_differences(stored: SweepSpec, options: dict[str, Any]) -> list[str]:

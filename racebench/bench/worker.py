@@ -24,7 +24,7 @@ import torch
 from racebench.bench import memory
 from racebench.bench.spec import SweepSpec
 from racebench.bench.units import format_bytes
-from racebench.methods.registry import NO_BUILD_ENV, get_method
+from racebench.methods.registry import DECODE_MODES, NO_BUILD_ENV, get_method
 
 
 def die_with_parent() -> None:
@@ -69,7 +69,8 @@ def point_row(spec: SweepSpec, method: str, T: int, **fields) -> dict:
     """The result row skeleton: identity of the point plus its status fields."""
     row = dict(method=method, device=spec.device, dtype=spec.dtype, B=spec.B, H=spec.H, T=T, D=spec.D,
                causal=spec.causal, mode=spec.mode, input_bytes=spec.input_bytes(T),
-               floor_bytes=spec.floor_bytes(T), repeats=0, nproc=spec.nproc)
+               floor_bytes=spec.floor_bytes(T), repeats=0, nproc=spec.nproc,
+               decode_tokens=spec.decode_tokens if spec.mode == "decode" else None)
     row.update(get_method(method).effective_knobs(spec.build_config(T)))
     row.update(fields)
     return row
@@ -133,11 +134,32 @@ def _make_pass(fn, q, k, v, mode, sync):
     return run
 
 
-def _finite(*tensors) -> bool:
+def finite(*tensors) -> bool:
     """True when no element is NaN or Inf; checked in 4M-element pieces so the check itself allocates next
     to nothing (a full-size mask could push a point near its budget over it)."""
     return all(t is None or all(bool(torch.isfinite(piece).all()) for piece in t.detach().reshape(-1).split(2**22))
                for t in tensors)
+
+
+def failure(exc: Exception) -> dict:
+    """The status fields of a point that raised: oom when it ran out of memory, else error with the traceback."""
+    if memory.is_oom(exc):
+        return dict(status="oom", error=str(exc).splitlines()[0][:300])
+    return dict(status="error", error=f"{type(exc).__name__}: {exc}".splitlines()[0][:300],
+                traceback=traceback.format_exc()[-2000:])
+
+
+def verdict(spec: SweepSpec, start: float, peak_bytes: int) -> dict:
+    """The status fields of a point that finished: over its memory budget is oom (the CPU's address-space cap leaves
+    room for thread stacks and arenas above the budget, so a point can peak over it and still finish), over its
+    time budget a time-out, else ok."""
+    elapsed = time.perf_counter() - start
+    if peak_bytes > spec.memory_budget_bytes:
+        return dict(status="oom", error=f"peaked at {format_bytes(peak_bytes)}, over the "
+                                        f"{format_bytes(spec.memory_budget_bytes)} memory budget")
+    if elapsed > spec.time_budget_s:
+        return dict(status="timeout", error=f"finished in {elapsed:.3g} s, over the {spec.time_budget_s:g} s budget")
+    return dict(status="ok", error=None)
 
 
 def measure_point(spec: SweepSpec, method: str, T: int) -> dict:
@@ -151,6 +173,10 @@ def measure_point(spec: SweepSpec, method: str, T: int) -> dict:
         return measure_parallel(spec, method, T)
     m, cfg = get_method(method), spec.build_config(T)
     row = point_row(spec, method, T, impl=m.impl(cfg), threads=torch.get_num_threads())
+    if spec.mode in DECODE_MODES:
+        from racebench.bench.inference import measure_inference
+
+        return measure_inference(spec, row, T, lambda: m.decode(cfg), start)
     return measure(spec, row, T, lambda: m.build(cfg), start)
 
 
@@ -173,7 +199,7 @@ def measure(spec: SweepSpec, row: dict, T: int, build, start: float, *, seed: in
         run = _make_pass(fn, q, k, v, spec.mode, lambda: (mem.sync(), barrier()))
 
         first, out = run()  # the first warm-up pass also checks the numbers
-        if agree(not _finite(out, q.grad, k.grad, v.grad)):
+        if agree(not finite(out, q.grad, k.grad, v.grad)):
             return row | dict(status="nonfinite", error="output or gradients hold NaN or Inf")
         del out
         warm = max(spec.warmup - 1, 1)  # at least one pass fills the allocator's cache before timing
@@ -200,26 +226,11 @@ def measure(spec: SweepSpec, row: dict, T: int, build, start: float, *, seed: in
         times = [run()[0] for _ in range(spec.repeats)]
         faults = None if faults_before is None else (mem.faults() - faults_before) // spec.repeats
     except Exception as exc:  # every failure is data
-        if memory.is_oom(exc):
-            return row | dict(status="oom", error=str(exc).splitlines()[0][:300])
-        return row | dict(status="error", error=f"{type(exc).__name__}: {exc}".splitlines()[0][:300],
-                          traceback=traceback.format_exc()[-2000:])
-    elapsed = time.perf_counter() - start
-    over = elapsed > spec.time_budget_s
-    # The CPU's address-space cap leaves room for thread stacks and arenas above the budget, so a point can peak
-    # over it and still finish: that is not a point that fits its budget.
-    too_big = peak - before_inputs > spec.memory_budget_bytes
-    status, error = "ok", None
-    if too_big:
-        status, error = "oom", (f"peaked at {format_bytes(peak - before_inputs)}, over the "
-                                f"{format_bytes(spec.memory_budget_bytes)} memory budget")
-    elif over:
-        status, error = "timeout", f"finished in {elapsed:.3g} s, over the {spec.time_budget_s:g} s budget"
-    return row | timing_fields([t * 1e3 for t in times], spec.B * row["T"]) | dict(
-        status=status, error=error,
-        peak_mem_bytes=peak - before_inputs, peak_mem_over_inputs_bytes=peak - with_inputs,
-        comm_bytes_per_step=sent, page_faults_per_pass=faults,
-    )
+        return row | failure(exc)
+    measured = dict(peak_mem_bytes=peak - before_inputs, peak_mem_over_inputs_bytes=peak - with_inputs,
+                    comm_bytes_per_step=sent, page_faults_per_pass=faults)
+    timing = timing_fields([t * 1e3 for t in times], spec.B * row["T"])
+    return row | timing | verdict(spec, start, peak - before_inputs) | measured
 
 
 def child_main(conn, spec_dict: dict, method: str, T: int, sweep_pid: int | None = None) -> None:

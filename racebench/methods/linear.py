@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 
-from racebench.methods.registry import BuildConfig, Knob, Method, register_method
+from racebench.methods.registry import BuildConfig, Decoder, Knob, Method, register_method
 
 CHUNK = 64
 
@@ -42,6 +42,29 @@ def quadratic_attention(fq, fk, v, *, causal=False, eps=1e-6):
     if causal:
         w = w.tril()
     return (w @ v) / (w.sum(-1, keepdim=True) + eps)
+
+
+def feature_decoder(features, *, chunk=CHUNK, eps=1e-6) -> Decoder:
+    """Linear attention's inference form: the causal forward over the prompt, then one token at a time from the
+    state (KV = sum fk v^T [B, H, F, D], A = sum fk [B, H, F]; fp32, fp64 for fp64 inputs)."""
+    import torch
+
+    def prefill(q, k, v):
+        fq, fk = features(q, True), features(k, False)
+        acc = torch.float64 if v.dtype == torch.float64 else torch.float32
+        state = {"KV": fk.transpose(-1, -2).to(acc) @ v.to(acc), "A": fk.sum(-2).to(acc)}
+        return feature_attention(fq, fk, v, causal=True, eps=eps, chunk=chunk), state
+
+    def step(state, q, k, v):
+        fq, fk = features(q, True)[..., 0, :], features(k, False)[..., 0, :]  # [B, H, F]
+        acc = state["A"].dtype
+        state["A"] += fk.to(acc)
+        state["KV"] += fk.to(acc).unsqueeze(-1) * v[..., 0, :].to(acc).unsqueeze(-2)
+        fq = fq.to(acc).unsqueeze(-2)
+        o = (fq @ state["KV"]) / ((fq * state["A"].unsqueeze(-2)).sum(-1, keepdim=True) + eps)
+        return o.to(v.dtype)
+
+    return Decoder(prefill, step, lambda state: state["KV"].nbytes + state["A"].nbytes)
 
 
 def elu_features(x):
@@ -129,6 +152,8 @@ linear = register_method(Method(
     build=_linear,
     reference=lambda cfg: _linear(cfg, reference=True),
     knobs=(LINEAR_CHUNK,),
+    decode=lambda cfg: feature_decoder(lambda x, is_query: elu_features(x),
+                                       chunk=linear.effective_knobs(cfg)["linear_chunk"]),
     color="tab:red",
     marker=">",
     family="linear",

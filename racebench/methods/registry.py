@@ -27,6 +27,7 @@ HAS_FLASH_ATTN3 = importlib.util.find_spec("flash_attn_interface") is not None
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 DEVICES = ("cpu", "cuda")
+DECODE_MODES = ("prefill", "decode")  # inference: a method's Decoder runs them
 DTYPES = ("fp32", "bf16", "fp16", "fp64")  # canonical names, as results record them
 ALL = DTYPES
 HALF = ("bf16", "fp16")
@@ -132,6 +133,8 @@ class BuildConfig:
     seed: int = 0
     knobs: dict[str, Any] = field(default_factory=dict)
     nproc: int = 1  # ranks of a sequence-parallel point
+    mode: str = "fwd+bwd"  # what a pass is: fwd, bwd, fwd+bwd, or the inference modes prefill and decode
+    decode_tokens: int = 0  # tokens decoded after a prompt of T (a Decoder may preallocate for them)
 
     @property
     def dtype_name(self) -> str:
@@ -147,6 +150,33 @@ class BuildConfig:
 
 
 AttentionFn = Callable[..., Any]  # (q, k, v) -> o, all [B, H, T, D] tensors
+
+
+@dataclass(frozen=True)
+class Decoder:
+    """A method's inference form (causal): `prefill(q, k, v) -> (o, state)` over the prompt's [B, H, T, D] tensors
+    returns its outputs and what decoding needs (race: its fixed-size state; softmax: the K, V cache);
+    `step(state, q, k, v) -> o` takes one more token ([B, H, 1, D] each), updates the state in place and returns
+    that token's output [B, H, 1, D]; `state_bytes(state)` is the memory the state holds now."""
+
+    prefill: Callable[..., tuple[Any, Any]]
+    step: Callable[..., Any]
+    state_bytes: Callable[[Any], int]
+
+
+def decode_all(decoder: Decoder, q, k, v, prompt_len: int):
+    """Prefill on the first prompt_len tokens, then decode the rest one at a time: the outputs of every position,
+    [B, H, T, D]; equal to the method's causal forward over the whole sequence."""
+    import torch
+
+    T = q.shape[-2]
+    if not 1 <= prompt_len <= T:
+        raise UsageError(f"prompt_len must be between 1 and T = {T}, not {prompt_len}")
+    with torch.no_grad():  # inference
+        out, state = decoder.prefill(q[..., :prompt_len, :], k[..., :prompt_len, :], v[..., :prompt_len, :])
+        steps = [decoder.step(state, q[..., t:t + 1, :], k[..., t:t + 1, :], v[..., t:t + 1, :])
+                 for t in range(prompt_len, T)]
+        return torch.cat([out, *steps], dim=-2)
 _never = lambda *args: None  # noqa: E731
 
 
@@ -187,6 +217,8 @@ class Method:
     presets: frozenset[str] = frozenset()  # the presets whose method list it belongs to
     # What run.json records of this method's set-up (e.g. its kernels' launch options).
     environment: Callable[[], dict] | None = None
+    # Its inference form (prefill, then one token at a time from a state; causal only), or None: no decode form.
+    decode: Callable[[BuildConfig], Decoder] | None = None
 
     def availability(self, device: str | None = None) -> str | None:
         """None if the method can run on `device` (any of its devices when None), else why not."""
@@ -220,6 +252,8 @@ class Method:
                     knob.parse(cfg.knobs[knob.name])
                 except UsageError as exc:
                     return UnsupportedError, f"{combo}: {self.name}: {exc}"
+        if cfg.mode in DECODE_MODES and self.decode is None:
+            return UnsupportedError, f"{combo}: {self.name} has no decode form (--mode {cfg.mode})"
         if cfg.nproc > 1 and self.sequence_parallel is None:
             return UnsupportedError, f"{combo}: {self.name} has no sequence-parallel form (--nproc)"
         if (why := self.limits(cfg)) is not None:

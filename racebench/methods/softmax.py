@@ -11,6 +11,7 @@ from racebench.methods.registry import (
     HAS_FLASH_ATTN,
     HAS_FLASH_ATTN3,
     BuildConfig,
+    Decoder,
     Method,
     register_method,
 )
@@ -58,6 +59,36 @@ def _flash_attn_build(cfg: BuildConfig):
     return _sdpa("FLASH_ATTENTION")(cfg)
 
 
+def _cache_decoder(cfg: BuildConfig) -> Decoder:
+    """Softmax attention served from a K, V cache preallocated for the prompt and the tokens to decode (grown by
+    doubling past that): the prefill is SDPA's causal attention over the prompt, each step SDPA of one query over
+    the cache so far."""
+    import torch
+    import torch.nn.functional as F
+
+    def prefill(q, k, v):
+        B, H, T, D = k.shape
+        capacity = max(T, cfg.T) + cfg.decode_tokens
+        cache = {"K": k.new_empty(B, H, capacity, D), "V": v.new_empty(B, H, capacity, D), "t": T}
+        cache["K"][:, :, :T], cache["V"][:, :, :T] = k, v
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True), cache
+
+    def step(cache, q, k, v):
+        t = cache["t"]
+        if t == cache["K"].shape[2]:  # full: double it, as a serving cache would
+            for name in ("K", "V"):
+                cache[name] = torch.cat([cache[name], torch.empty_like(cache[name])], dim=2)
+        cache["K"][:, :, t:t + 1], cache["V"][:, :, t:t + 1] = k, v
+        cache["t"] = t + 1
+        return F.scaled_dot_product_attention(q, cache["K"][:, :, :t + 1], cache["V"][:, :, :t + 1])
+
+    def state_bytes(cache):  # what the context fills: K and V of every token so far
+        K = cache["K"]
+        return 2 * K.shape[0] * K.shape[1] * cache["t"] * K.shape[3] * K.element_size()
+
+    return Decoder(prefill, step, state_bytes)
+
+
 def _flash3_build(cfg: BuildConfig):
     from flash_attn_interface import flash_attn_func
 
@@ -86,6 +117,7 @@ register_method(Method(
     devices={"cpu": ALL, "cuda": HALF},
     impl=lambda cfg: "flash_attn.flash_attn_func" if cfg.device == "cuda" and HAS_FLASH_ATTN else "sdpa-flash",
     baseline=True,
+    decode=_cache_decoder,
     color="tab:green",
     marker="s",
     family="softmax",

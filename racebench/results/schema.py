@@ -10,7 +10,8 @@ IDENTITY_COLUMNS = ("run_id", "method", "impl")
 MEASURE_COLUMNS = ("device", "dtype", "B", "H", "T", "D", "causal", "mode", "status", "time_ms", "time_ms_min",
                    "time_ms_max", "time_ms_iqr", "repeats", "tokens_per_s", "peak_mem_bytes",
                    "peak_mem_over_inputs_bytes", "input_bytes", "floor_bytes", "page_faults_per_pass", "nproc",
-                   "comm_bytes_per_step", "rank_peak_mem_bytes", "refine", "threads", "error")
+                   "comm_bytes_per_step", "rank_peak_mem_bytes", "refine", "threads", "decode_tokens", "prefill_ms",
+                   "state_bytes", "error")
 # Columns that must hold numbers (or nothing): anything else in a results file is an error naming it.
 NUMERIC_COLUMNS = ("B", "H", "T", "D", "time_ms", "time_ms_min", "time_ms_max", "time_ms_iqr", "repeats",
                    "tokens_per_s", "peak_mem_bytes", "peak_mem_over_inputs_bytes", "input_bytes", "floor_bytes")

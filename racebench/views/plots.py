@@ -197,6 +197,38 @@ def _legend_outside(ax, handles=None, labels=None, *, loc="upper left", y=1.0, *
     return ax.legend(*args, loc=loc, bbox_to_anchor=(1.02, y), borderaxespad=0, alignment="left", **kw)
 
 
+_TIME_LABELS = {"fwd+bwd": "time per forward+backward pass (s)", "fwd": "time per forward pass (s)",
+                "bwd": "time per backward pass (s)", "prefill": "prefill time (s)",
+                "decode": "decode time per token (s)"}
+
+
+def _time_label(df: pd.DataFrame) -> str:
+    modes = sorted(set(df["mode"].dropna()))
+    return _TIME_LABELS.get(modes[0], "time per pass (s)") if len(modes) == 1 else "time per pass (s)"
+
+
+def _lines(ax, df: pd.DataFrame, column: str, unit: float) -> None:
+    """One line per (method, device) of `column` / unit over the completed points, in the method's colour and marker."""
+    several = df.device.nunique() > 1
+    colors, markers = _colors(df), _markers(df)
+    for key, g in df.groupby(["method", "device"], sort=False):
+        ok = g[(g.status == "ok") & g[column].notna()].sort_values("T")
+        if not ok.empty:
+            ax.plot(ok["T"], ok[column] / unit, marker=markers[key], label=_label(key, several), color=colors[key])
+
+
+def state_figure(df: pd.DataFrame, opts: FigureOptions = FigureOptions()):
+    """Inference: the bytes of each method's state or cache against the context length (race's is fixed, a softmax
+    K, V cache grows with the context)."""
+    fig, ax = plt.subplots(figsize=opts.figsize, layout="constrained")
+    _lines(ax, df, "state_bytes", 2**20)
+    ax.set_ylabel("state or K, V cache after decoding (MiB)")
+    _set_title(ax, opts, _title("Inference state against context length", df))
+    _legend_outside(ax)
+    _style(ax)
+    return fig
+
+
 def _ok(g: pd.DataFrame) -> pd.DataFrame:
     return g[(g.status == "ok") & g.time_ms.notna()].sort_values("T")
 
@@ -230,7 +262,7 @@ def time_figure(df: pd.DataFrame, opts: FigureOptions = FigureOptions()):
             ax.plot([t.fail_T], [y], ls="none", gid=f"threshold:{key[0]}:{t.cause}",
                     **_threshold_style(t.cause, colors[key]))
             causes.add(t.cause)
-    ax.set_ylabel("time per forward+backward pass (s)" if "fwd+bwd" in set(df["mode"]) else "time per pass (s)")
+    ax.set_ylabel(_time_label(df))
     _set_title(ax, opts, _title("Time against context length", df))
     ax.add_artist(_legend_outside(ax, title="method: growth $T^k$, fitted over"))
     shown = [c for c in _CAUSE_LEGEND if c in causes]
@@ -244,13 +276,7 @@ def time_figure(df: pd.DataFrame, opts: FigureOptions = FigureOptions()):
 
 def memory_figure(df: pd.DataFrame, budgets: dict[str, int], opts: FigureOptions = FigureOptions()):
     fig, ax = plt.subplots(figsize=opts.figsize, layout="constrained")
-    several = df.device.nunique() > 1
-    colors, markers = _colors(df), _markers(df)
-    for key, g in df.groupby(["method", "device"], sort=False):
-        ok = g[(g.status == "ok") & g.peak_mem_bytes.notna()].sort_values("T")
-        if not ok.empty:
-            ax.plot(ok["T"], ok["peak_mem_bytes"] / 2**30, marker=markers[key], label=_label(key, several),
-                    color=colors[key])
+    _lines(ax, df, "peak_mem_bytes", 2**30)
     floor = df[df.status == "ok"][["T", "floor_bytes"]].dropna().drop_duplicates("T").sort_values("T")  # data's span
     if not floor.empty:
         ax.plot(floor["T"], floor["floor_bytes"] / 2**30, "k--", lw=1.2, label="floor: q, k, v, o, dq, dk, dv",
@@ -381,7 +407,7 @@ def headline_figure(df: pd.DataFrame, opts: FigureOptions = FigureOptions()):
                 text = (f"{subject} faster at every length both ran ({tex_length(common[0])}–{tex_length(common[-1])})"
                         if faster else f"no crossover measured up to {tex_length(common[-1])}")
                 ax.plot([], [], ls="none", label=text + (f", {device}" if several else ""))
-    ax.set_ylabel("time per forward+backward pass (s)" if "fwd+bwd" in set(df["mode"]) else "time per pass (s)")
+    ax.set_ylabel(_time_label(df))
     _set_title(ax, opts, _title(f"{subject} against the fastest {other}", df))
     _legend_outside(ax)
     _style(ax)
@@ -406,6 +432,8 @@ def make_figures(frames: list[tuple[dict, pd.DataFrame]], opts: FigureOptions = 
                    "context": context_figure(df, opts)}
         if all(_family_best(df, family).shape[0] for family in HEADLINE_FAMILIES):
             figures["headline"] = headline_figure(df, opts)
+        if "state_bytes" in df and df.state_bytes.notna().any():
+            figures["state"] = state_figure(df, opts)
     return figures
 
 

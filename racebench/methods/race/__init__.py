@@ -9,7 +9,7 @@ import math
 import os
 
 from racebench.methods.race import implementations
-from racebench.methods.registry import ALL, HAS_TRITON, BuildConfig, Knob, Method, register_method
+from racebench.methods.registry import ALL, HAS_TRITON, BuildConfig, Decoder, Knob, Method, register_method
 
 log = logging.getLogger("racebench")
 
@@ -20,8 +20,8 @@ DEFAULT_L = 3
 DEFAULT_BETA = 8.0
 NORMALIZATIONS = ("paper", "bucket")
 
-_LAZY = {"race_attention": "functional", "make_planes": "hashing", "soft_hash": "hashing"}
-__all__ = ["race_attention", "make_planes", "soft_hash", "DEFAULT_BETA", "DEFAULT_P", "DEFAULT_L"]
+_LAZY = {"race_attention": "functional", "race_generate": "generate", "make_planes": "hashing", "soft_hash": "hashing"}
+__all__ = ["race_attention", "race_generate", "make_planes", "soft_hash", "DEFAULT_BETA", "DEFAULT_P", "DEFAULT_L"]
 
 
 def __getattr__(name: str):
@@ -66,6 +66,31 @@ def _build_race(cfg: BuildConfig, impl: str):
     return attend
 
 
+def _decoder(method: Method, impl: str | None):
+    """The method's inference form (generate.py): one state per ensemble, their outputs averaged."""
+
+    def build(cfg: BuildConfig) -> Decoder:
+        from racebench.methods.race.generate import race_decode_step, race_prefill
+
+        knobs = method.effective_knobs(cfg)
+        planes = _planes(cfg, knobs)
+        kw = dict(beta=knobs["race_beta"], normalize=knobs["race_normalize"])
+        chosen = impl or _core_impl(dataclasses.replace(cfg, causal=True))  # the prefill's
+
+        def prefill(q, k, v):
+            parts = [race_prefill(q, k, v, p, impl=chosen, **kw) for p in planes]
+            return sum(o for o, _ in parts) / len(parts), [s for _, s in parts]
+
+        def step(states, q, k, v):
+            if len(states) == 1:  # a step is microseconds: no averaging of one ensemble
+                return race_decode_step(states[0], q, k, v, planes[0], **kw)
+            return sum(race_decode_step(s, q, k, v, p, **kw) for s, p in zip(states, planes)) / len(planes)
+
+        return Decoder(prefill, step, lambda states: sum(s.nbytes for s in states))
+
+    return build
+
+
 def _reference(method: Method):
     """The specification (naive.py) in float64, with the method's knobs and planes."""
 
@@ -80,9 +105,23 @@ def _reference(method: Method):
     return build
 
 
-def _impl(cfg: BuildConfig) -> str:
+def _core_impl(cfg: BuildConfig) -> str:
+    """What race_attention(impl="auto") runs for this config: the forward, backward and prefill."""
     knobs = race.effective_knobs(cfg)
     return implementations.choose(cfg.device, cfg.dtype_name, cfg.causal, cfg.D, knobs["race_L"], knobs["race_P"])[0]
+
+
+def _impl(cfg: BuildConfig) -> str:
+    """What a point runs, recorded with it: the core, and in decode mode what the steps run."""
+    impl = _core_impl(cfg)
+    knobs = race.effective_knobs(cfg)
+    if cfg.mode == "decode" and cfg.device == "cpu":  # the steps: the native decode_step where it runs (generate.py)
+        from racebench.methods.race import native
+
+        acc = "fp64" if cfg.dtype_name == "fp64" else "fp32"
+        native_ok = implementations.native_limits(acc, knobs["race_L"], knobs["race_P"]) is None and native.available()
+        impl += " + cpp steps" if native_ok else " + torch steps"
+    return impl
 
 
 def _limits(cfg: BuildConfig) -> str | None:
@@ -144,7 +183,7 @@ race = register_method(Method(
     name="race",
     description="RACE attention: fused Triton kernels on CUDA, native kernels on CPU (non-causal), else the "
                 "PyTorch core (race-torch)",
-    build=lambda cfg: _build_race(cfg, _impl(cfg)),
+    build=lambda cfg: _build_race(cfg, _core_impl(cfg)),
     reference=lambda cfg: _reference(race)(cfg),
     knobs=RACE_KNOBS,
     # The kernels take fp32/bf16/fp16; on CUDA without Triton race is race-torch and takes every dtype.
@@ -159,6 +198,7 @@ race = register_method(Method(
     family="race",
     presets=frozenset({"default", "paper", "quick", "ci"}),
     environment=_environment,
+    decode=lambda cfg: _decoder(race, None)(cfg),
 ))
 race_torch = register_method(Method(
     name="race-torch",
@@ -167,6 +207,7 @@ race_torch = register_method(Method(
     reference=lambda cfg: _reference(race_torch)(cfg),
     knobs=RACE_KNOBS,
     limits=_sequence_parallel_limits,
+    decode=lambda cfg: _decoder(race_torch, "torch")(cfg),
     color="tab:cyan",
     marker="d",
     family="race",

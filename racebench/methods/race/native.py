@@ -184,3 +184,8 @@ def query_backward(q, do, A, KV, dq, cfg):
 
 def key_backward(k, v, dA, dKV, dk, dv, cfg, accumulate=False):
     _build()[0].key_backward(k, v, dA, dKV, dk, dv, accumulate, *_hash_args(cfg))
+
+
+def decode_step(q, k, v, A, KV, o, W, L, P, beta, normalize, eps):
+    """One decoded token for every head: rows of q, k, v, o [N, D]; the state A [N, S], KV [N, S, D] in place."""
+    _build()[0].decode_step(q, k, v, A, KV, o, normalize == "paper", eps, W, L, P, float(beta))

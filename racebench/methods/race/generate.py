@@ -1,0 +1,104 @@
+"""Inference with RACE: a causal prefill over the prompt that also returns race's state, then one token at a time
+from that state. The state is A = sum_j phi(k_j) [B, H, S] and KV = sum_j phi(k_j) v_j^T [B, H, S, D], the same
+size at any context length (softmax attention reads a K, V cache that grows with it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from racebench.methods.race.functional import _validate, race_attention
+from racebench.methods.race.hashing import soft_hash
+
+_PREFILL_BLOCK = 2**14  # tokens per block when summing the prompt's state: no [T, S] tensor over the whole prompt
+
+
+@dataclass
+class RaceState:
+    A: torch.Tensor  # [B, H, S], fp32 (fp64 for fp64 inputs), as race_attention accumulates
+    KV: torch.Tensor  # [B, H, S, D]
+    W: torch.Tensor | None = None  # the planes as [L*P, D] for the native decode step, made once; None: PyTorch ops
+
+    @property
+    def nbytes(self) -> int:
+        return self.A.nbytes + self.KV.nbytes
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def race_prefill(q, k, v, planes, *, beta, normalize="paper", eps=1e-6, impl="auto"):
+    """(the causal outputs over the prompt [B, H, T, D], the state after it)."""
+    out = race_attention(q, k, v, planes, beta=beta, causal=True, normalize=normalize, eps=eps, impl=impl)
+    acc = _acc(q.dtype)
+    B, H, T, D = k.shape
+    S = planes.shape[0] * 2 ** planes.shape[1]
+    state = RaceState(torch.zeros(B, H, S, dtype=acc, device=k.device), torch.zeros(B, H, S, D, dtype=acc,
+                                                                                     device=k.device))
+    w = planes.to(k.device, acc)
+    if native_step(state, planes):
+        state.W = w.reshape(-1, D).contiguous()
+    with torch.no_grad():
+        for start in range(0, T, _PREFILL_BLOCK):
+            fk = soft_hash(k[..., start:start + _PREFILL_BLOCK, :].to(acc), w, beta)  # [B, H, block, S]
+            state.A += fk.sum(-2)
+            state.KV += fk.transpose(-1, -2) @ v[..., start:start + _PREFILL_BLOCK, :].to(acc)
+    return out, state
+
+
+def native_step(state: RaceState, planes) -> bool:
+    """Whether a step runs the native CPU kernels' decode_step (one call for all heads) rather than PyTorch ops."""
+    from racebench.methods.race import native
+    from racebench.methods.race.implementations import native_limits
+    from racebench.methods.registry import dtype_name
+
+    L, P, _ = planes.shape
+    return (state.A.device.type == "cpu" and native_limits(dtype_name(state.A.dtype), L, P) is None
+            and native.available())
+
+
+def race_decode_step(state: RaceState, q, k, v, planes, *, beta, normalize="paper", eps=1e-6):
+    """One token (q, k, v [B, H, 1, D]): adds its key to the state (in place), then its output [B, H, 1, D]. A step
+    is tiny work: on the CPU one call of the native kernels for all heads where they are built; else a few PyTorch
+    operations (one soft hash for the key and the query together, the state updated in place)."""
+    acc = state.A.dtype
+    B, H, _, D = q.shape
+    with torch.no_grad():
+        if state.W is not None:  # every operation here costs microseconds: none that does nothing
+            from racebench.methods.race import native
+
+            L, P, _ = planes.shape
+            o = torch.empty(B * H, D, dtype=acc)
+            rows = [x.reshape(B * H, D) if x.dtype == acc else x.reshape(B * H, D).to(acc) for x in (q, k, v)]
+            native.decode_step(*rows, state.A.view(B * H, -1), state.KV.view(B * H, -1, D), o, state.W, L, P, beta,
+                               normalize, eps)
+            o = o.view(B, H, 1, D)
+            return o if o.dtype == q.dtype else o.to(q.dtype)
+        f = soft_hash(torch.cat((k, q), dim=-2).to(acc), planes.to(q.device, acc), beta)  # [B, H, 2, S]
+        fk, fq = f[..., 0, :], f[..., 1:, :]
+        state.A += fk
+        state.KV.addcmul_(fk.unsqueeze(-1), v.to(acc))  # += phi(k) v^T: [B, H, S, 1] * [B, H, 1, D]
+        if normalize == "paper":
+            o = (fq @ state.KV) / (fq @ state.A.unsqueeze(-1) + eps)
+        else:  # bucket
+            o = (fq / (state.A.unsqueeze(-2) + eps)) @ state.KV
+    return o.to(q.dtype)
+
+
+def race_generate(q, k, v, planes, *, beta, normalize="paper", eps=1e-6, prompt_len):
+    """RACE as a model generates with it: the prefill on the first prompt_len tokens, then the rest one token at a
+    time from the state; the outputs of every position [B, H, T, D], equal to
+    race_attention(q, k, v, planes, beta=beta, causal=True, normalize=normalize, eps=eps)."""
+    from racebench.errors import UsageError
+
+    _validate(q, k, v, planes, beta, normalize)
+    T = q.shape[-2]
+    if not (isinstance(prompt_len, int) and 1 <= prompt_len <= T):
+        raise UsageError(f"prompt_len must be a whole number between 1 and T = {T}, not {prompt_len!r}")
+    out, state = race_prefill(q[..., :prompt_len, :], k[..., :prompt_len, :], v[..., :prompt_len, :], planes,
+                              beta=beta, normalize=normalize, eps=eps)
+    steps = [race_decode_step(state, q[..., t:t + 1, :], k[..., t:t + 1, :], v[..., t:t + 1, :], planes, beta=beta,
+                              normalize=normalize, eps=eps) for t in range(prompt_len, T)]
+    return torch.cat([out.detach(), *steps], dim=-2)
