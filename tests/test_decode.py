@@ -24,7 +24,7 @@ def cfg_for(method: str, T: int, dtype: str, **knobs) -> BuildConfig:
 
 
 def test_every_inference_method_is_covered():
-    assert {"race", "race-torch", "flash", "linear"} <= set(DECODERS)
+    assert {"race", "race-torch", "flash", "linear", "performer"} <= set(DECODERS)
 
 
 @pytest.mark.parametrize("prompt,tokens", [(1, 1), (1, 5), (1, 64), (63, 1), (63, 5), (63, 64), (1000, 1),
@@ -95,8 +95,8 @@ def test_state_sizes_follow_their_formulas(T):
 
 def test_methods_without_a_decode_form_are_unsupported():
     cfg = BuildConfig(1, 1, 64, 16, "fp32", "cpu", causal=True, mode="decode")
-    with pytest.raises(UnsupportedError, match="performer has no decode form"):
-        get_method("performer").check(cfg)
+    with pytest.raises(UnsupportedError, match="angular has no decode form"):
+        get_method("angular").check(cfg)
     assert get_method("race").supports(cfg) is None
 
 
@@ -105,7 +105,7 @@ def test_decode_and_prefill_sweeps(tmp_path):
     from racebench.bench.spec import build_spec
     from racebench.results.store import load_run
 
-    common = dict(methods="race,flash,linear,performer", lengths="64,256", heads="1", head_dim="16", warmup="1",
+    common = dict(methods="race,flash,linear,angular", lengths="64,256", heads="1", head_dim="16", warmup="1",
                   repeats="2", time_budget="60s")
     run_sweep(build_spec(mode="decode", decode_tokens=5, **common), tmp_path / "decode")
     meta, df = load_run(tmp_path / "decode")
@@ -117,7 +117,7 @@ def test_decode_and_prefill_sweeps(tmp_path):
     assert ok.loc[("flash", 256), "state_bytes"] == 2 * 1 * (256 + 5) * 16 * 4  # K, V of every token
     assert ok.loc[("race", 64), "state_bytes"] == ok.loc[("race", 256), "state_bytes"]  # fixed size
     assert ok.loc[("flash", 64), "floor_bytes"] == 4 * (64 + 5) * 16 * 4  # q, k, v, o of prompt and tokens
-    assert "performer has no decode form" in df[df.method == "performer"].error.iloc[0]
+    assert "angular has no decode form" in df[df.method == "angular"].error.iloc[0]
     assert ok.loc[("race", 64), "impl"] in ("torch + cpp steps", "torch + torch steps")  # prefill, then the steps
     run_sweep(build_spec(mode="prefill", **common), tmp_path / "prefill")
     _, df = load_run(tmp_path / "prefill")
@@ -137,3 +137,23 @@ def test_bad_inference_options(args, message):
 
     result = CliRunner().invoke(app, ["sweep", "--methods", "race", "--lengths", "64", *args])
     assert result.exit_code == 2 and message in result.output, result.output
+
+
+CAUSAL = [m.name for m in list_methods() if m.causal and "cpu" in m.devices and "fp64" in m.devices["cpu"]
+          and m.availability("cpu") is None]
+
+
+@pytest.mark.parametrize("method", CAUSAL)
+def test_causal_outputs_never_depend_on_later_tokens(method):
+    """Every causal method: changing the last keys and values (large, as outliers are) leaves earlier outputs as
+    they were. (Performer's per-head key shift once failed this: one large key in 64 moved earlier outputs by 1.36.)"""
+    m = get_method(method)
+    cfg = BuildConfig(1, 2, 64, 16, "fp64", "cpu", causal=True, seed=int(torch.randint(1000, ())))
+    q, k, v = qkv(1, 2, 64, 16)
+    attend = m.build(cfg)
+    before = attend(q, k, v).detach()
+    k2, v2 = k.detach().clone(), v.detach().clone()
+    k2[..., -4:, :] = k2[..., -4:, :] * 6 + 3
+    v2[..., -4:, :] = v2[..., -4:, :] * 6 - 3
+    after = attend(q, k2, v2).detach()
+    assert (after[..., :-4, :] - before[..., :-4, :]).abs().max() < 1e-12
