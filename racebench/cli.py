@@ -40,6 +40,11 @@ def show(table) -> None:
     Console(width=max(width, 40), highlight=False).print(table)
 
 
+def _command_line() -> str:
+    """This process's command, shell-quoted, as run.json records it."""
+    return shlex.join(["racebench", *sys.argv[1:]])
+
+
 def user_errors(fn):
     """Turn a RacebenchError into one readable line and its exit code: no traceback for user mistakes."""
     @functools.wraps(fn)
@@ -121,7 +126,7 @@ def sweep(
                    refine=refine, seed=seed, knobs=knobs, nproc=nproc, plugins=plugin, decode_tokens=decode_tokens)
     spec = api.resumed_spec(out, options) if resume else api.sweep_spec(**options, oversubscribe=oversubscribe)
     out_dir = out or api.new_run_dir(spec)
-    command = shlex.join(["racebench", *sys.argv[1:]])
+    command = _command_line()
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a kill ends the sweep as cleanly as Ctrl-C
     try:
         with sweep_progress(spec, console) as progress:
@@ -185,7 +190,7 @@ def baseline(
         return
     spec = api.sweep_spec(preset=f"ci-{device}")
     with sweep_progress(spec, console) as progress:
-        store = api.sweep(spec, folder, command=shlex.join(["racebench", *sys.argv[1:]]), progress=progress)
+        store = api.sweep(spec, folder, command=_command_line(), progress=progress)
     console.print(f"baseline: {store.path} (commit it; `racebench compare {store.path} NEW` gates a change)")
 
 

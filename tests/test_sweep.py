@@ -71,7 +71,7 @@ def test_timeout_after_a_first_pass_over_budget(tmp_path):
 
 
 def test_hung_child_is_killed_at_the_budget(tmp_path, monkeypatch):
-    monkeypatch.setattr(runner, "_GRACE_S", 0.0)
+    monkeypatch.setattr(runner, "GRACE_S", 0.0)
     s = spec(methods="angular", lengths="8K", time_budget="0.5s", heads="4", head_dim="64")
     row = run_child(s, "angular", 8192)
     assert row["status"] == "timeout" and "killed after the 0.5 s time budget" in row["error"]

@@ -15,7 +15,7 @@ import torch
 
 from racebench.bench import memory
 from racebench.bench.spec import SweepSpec
-from racebench.bench.worker import failure, finite, timing_fields, verdict
+from racebench.bench.worker import early_timeout, failure, finite, timing_fields, verdict
 
 
 def measure_inference(spec: SweepSpec, row: dict, T: int, build, start: float) -> dict:
@@ -52,10 +52,9 @@ def measure_inference(spec: SweepSpec, row: dict, T: int, build, start: float) -
         del outs, state
         first = prefill + sum(steps)
         warm = max(spec.warmup - 1, 1)
-        passes = 1 + warm + (1 if G else spec.repeats)
-        if time.perf_counter() - start + first * passes / 2 > spec.time_budget_s:
-            return row | dict(status="timeout", time_ms=first * 1e3, error=(
-                f"one pass took {first:.3g} s; {passes} more would exceed the {spec.time_budget_s:g} s budget"))
+        late, timeout = early_timeout(spec, start, first, 1 + warm + (1 if G else spec.repeats))
+        if late:
+            return row | timeout
 
         mem.reset_peak()  # peak memory: a pass of its own
         _, _, outs, state = run()

@@ -14,15 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from racebench.bench.environment import collect_environment
-from racebench.bench.spec import SweepSpec
+from racebench.bench.spec import GRACE_S, SweepSpec
 from racebench.bench.worker import child_main, cuda_probe, point_row
 from racebench.methods.registry import get_method
 from racebench.results.store import RunStore, writing
+from racebench.results.summary import extrapolate
 
 FAILURES = ("oom", "timeout")
 _NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
-# Seconds a child gets beyond the time budget to start and to hand its result back.
-_GRACE_S = 15.0
 
 
 def _context(device: str):
@@ -76,7 +75,7 @@ def run_child(spec: SweepSpec, method: str, T: int) -> dict:
     ctx = _context(spec.device)  # (the first CUDA call probes the fork server: not the point's time)
     start = time.perf_counter()
     row, timed_out, exitcode = _call_in_child(ctx, child_main, (spec.to_dict(), method, T, os.getpid()),
-                                              spec.time_budget_s + _GRACE_S)
+                                              spec.time_budget_s + GRACE_S)
     wall = time.perf_counter() - start
     if row is None:
         if timed_out:
@@ -109,12 +108,7 @@ class MethodState:
 
     def predict_ms(self, T: int) -> float | None:
         """One pass at T from the growth between the two longest completed points (power law)."""
-        pts = sorted(self.ok)[-2:]
-        if len(pts) < 2:
-            return None
-        (t1, m1), (t2, m2) = pts
-        exponent = max(1.0, math.log(m2 / m1) / math.log(t2 / t1)) if m1 > 0 and m2 > 0 else 1.0
-        return m2 * (T / t2) ** exponent
+        return extrapolate(self.ok, T)
 
 
 def _plan_row(spec: SweepSpec, method: str, state: MethodState, T: int) -> dict | None:

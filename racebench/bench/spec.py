@@ -24,6 +24,8 @@ from racebench.methods.registry import (
     torch_dtype,
 )
 
+# Seconds a point's process gets beyond the time budget to start and to hand its result back.
+GRACE_S = 15.0
 MODES = ("fwd", "bwd", "fwd+bwd", *DECODE_MODES)  # prefill, decode: inference from a method's Decoder
 
 # Each preset fills the options the user left out; its methods are those whose record names the preset's tag.

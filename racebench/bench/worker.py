@@ -162,6 +162,15 @@ def verdict(spec: SweepSpec, start: float, peak_bytes: int) -> dict:
     return dict(status="ok", error=None)
 
 
+def early_timeout(spec: SweepSpec, start: float, first: float, passes_left: int) -> tuple[bool, dict]:
+    """(whether to stop after the first pass, the time-out fields if so). The first pass also pays for fresh pages and
+    lazy set-up, so stop early only when even half its time per pass would not fit; a point that finishes over budget
+    is still a time-out (verdict)."""
+    late = time.perf_counter() - start + first * passes_left / 2 > spec.time_budget_s
+    return late, dict(status="timeout", time_ms=first * 1e3, error=(
+        f"one pass took {first:.3g} s; {passes_left} more would exceed the {spec.time_budget_s:g} s budget"))
+
+
 def measure_point(spec: SweepSpec, method: str, T: int) -> dict:
     """Run one point in this process (its ranks' processes with --nproc); returns its row."""
     start = time.perf_counter()
@@ -203,14 +212,9 @@ def measure(spec: SweepSpec, row: dict, T: int, build, start: float, *, seed: in
             return row | dict(status="nonfinite", error="output or gradients hold NaN or Inf")
         del out
         warm = max(spec.warmup - 1, 1)  # at least one pass fills the allocator's cache before timing
-        passes_left = 1 + warm + spec.repeats
-        elapsed = time.perf_counter() - start
-        # The first pass also pays for fresh pages and lazy set-up, so stop early only when even half its
-        # time per pass would not fit; a point that finishes over budget is still a time-out (below).
-        if agree(elapsed + first * passes_left / 2 > spec.time_budget_s):
-            return row | dict(status="timeout", time_ms=first * 1e3, error=(
-                f"one pass took {first:.3g} s; {passes_left} more would exceed the "
-                f"{spec.time_budget_s:g} s budget"))
+        late, timeout = early_timeout(spec, start, first, 1 + warm + spec.repeats)
+        if agree(late):
+            return row | timeout
 
         q.grad = k.grad = v.grad = None  # peak memory: a pass of its own, before the allocator caches
         mem.reset_peak()

@@ -129,9 +129,14 @@ def _linear(cfg: BuildConfig, reference=False):
     return lambda q, k, v: feature_attention(elu_features(q), elu_features(k), v, causal=cfg.causal, chunk=chunk)
 
 
+def _performer_projection(cfg: BuildConfig, knobs: dict):
+    """The point's FAVOR+ projection [m, D], the same for the forward, the reference and the decode form."""
+    return orthogonal_features(knobs["performer_features"], cfg.D, seed=cfg.seed).to(cfg.device)
+
+
 def _performer(cfg: BuildConfig, reference=False):
     knobs = performer.effective_knobs(cfg)
-    proj = orthogonal_features(knobs["performer_features"], cfg.D, seed=cfg.seed).to(cfg.device)
+    proj = _performer_projection(cfg, knobs)
     if reference:
         proj = proj.double()
 
@@ -146,7 +151,7 @@ def _performer(cfg: BuildConfig, reference=False):
 
 def _performer_decoder(cfg: BuildConfig) -> Decoder:
     knobs = performer.effective_knobs(cfg)
-    proj = orthogonal_features(knobs["performer_features"], cfg.D, seed=cfg.seed).to(cfg.device)
+    proj = _performer_projection(cfg, knobs)
     return feature_decoder(lambda x, is_query: favor_features(x, proj, is_query=is_query, causal=True),
                            chunk=knobs["linear_chunk"])
 

@@ -170,8 +170,8 @@ def decode_all(decoder: Decoder, q, k, v, prompt_len: int):
     import torch
 
     T = q.shape[-2]
-    if not 1 <= prompt_len <= T:
-        raise UsageError(f"prompt_len must be between 1 and T = {T}, not {prompt_len}")
+    if not (isinstance(prompt_len, int) and 1 <= prompt_len <= T):
+        raise UsageError(f"prompt_len must be a whole number between 1 and T = {T}, not {prompt_len!r}")
     with torch.no_grad():  # inference
         out, state = decoder.prefill(q[..., :prompt_len, :], k[..., :prompt_len, :], v[..., :prompt_len, :])
         steps = [decoder.step(state, q[..., t:t + 1, :], k[..., t:t + 1, :], v[..., t:t + 1, :])

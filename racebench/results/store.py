@@ -92,11 +92,13 @@ class RunStore:
                         f"{', ...' if len(bad) > 1 else ''}): those points run again on --resume")
         return rows
 
-    def table_text(self) -> str:
-        return tidy(self.rows()).to_csv(index=False)
-
     def write_table(self) -> None:
-        _write_atomic(self.path / "results.csv", self.table_text())
+        _write_atomic(self.path / "results.csv", _table_text(self.rows()))
+
+
+def _table_text(rows: list[dict]) -> str:
+    """results.csv's text for these points."""
+    return tidy(rows).to_csv(index=False)
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -168,7 +170,7 @@ def _points_frame(path: Path) -> pd.DataFrame:
         if store.log.stat().st_size:
             raise UsageError(f"{store.log} holds no readable point")
         raise UsageError(f"{path}: no finished point yet")
-    text = tidy(rows).to_csv(index=False)
+    text = _table_text(rows)
     df = pd.read_csv(io.StringIO(text))
     csv = path / "results.csv"
     keys = ["method", "T", "status"]

@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+import math
+
 import pandas as pd
 
 FAIL_CAUSES = {"oom": "OOM", "timeout": "time-out"}
+
+
+def extrapolate(points: list[tuple[int, float]], T: int) -> float | None:
+    """The value at length T from the growth between the two longest of (length, value) points: a power law, at
+    least linear; None with fewer than two points."""
+    pts = sorted(points)[-2:]
+    if len(pts) < 2:
+        return None
+    (t1, v1), (t2, v2) = pts
+    exponent = max(1.0, math.log(v2 / v1) / math.log(t2 / t1)) if v1 > 0 and v2 > 0 and t2 > t1 else 1.0
+    return v2 * (T / t2) ** exponent
 
 
 def thresholds(df: pd.DataFrame) -> pd.DataFrame:

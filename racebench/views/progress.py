@@ -4,13 +4,13 @@ time of the points left. Piped (a CI log), the lines alone, never wrapped."""
 from __future__ import annotations
 
 import contextlib
-import math
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from racebench.bench.spec import SweepSpec
+from racebench.bench.spec import GRACE_S, SweepSpec
 from racebench.bench.units import format_length, format_ms
+from racebench.results.summary import extrapolate
 
 _STYLE = {"ok": "green", "oom": "red", "timeout": "yellow", "skipped": "dim", "error": "red",
           "nonfinite": "red", "unsupported": "dim"}
@@ -36,16 +36,14 @@ class Eta:
             self.stopped.add(method)
 
     def _predict(self, method: str, T: int) -> float:
-        cap = self.spec.time_budget_s + 15
-        pts = sorted(self.walls[method])[-2:]
+        cap = self.spec.time_budget_s + GRACE_S  # the runner kills a point's process there
+        pts = self.walls[method]
         if not pts:
             every = [w for ws in self.walls.values() for _, w in ws]
             return min(sum(every) / len(every), cap) if every else min(10.0, cap)
         if len(pts) == 1:
             return min(pts[0][1] * T / pts[0][0], cap)
-        (t1, w1), (t2, w2) = pts
-        k = max(1.0, math.log(w2 / w1) / math.log(t2 / t1)) if w1 > 0 and w2 > 0 and t2 > t1 else 1.0
-        return min(w2 * (T / t2) ** k, cap)
+        return min(extrapolate(pts, T), cap)
 
     def seconds(self) -> float:
         return sum(self._predict(m, T) for m in self.spec.methods if m not in self.stopped

@@ -91,14 +91,11 @@ def race_generate(q, k, v, planes, *, beta, normalize="paper", eps=1e-6, prompt_
     """RACE as a model generates with it: the prefill on the first prompt_len tokens, then the rest one token at a
     time from the state; the outputs of every position [B, H, T, D], equal to
     race_attention(q, k, v, planes, beta=beta, causal=True, normalize=normalize, eps=eps)."""
-    from racebench.errors import UsageError
+    from racebench.methods.registry import Decoder, decode_all
 
     _validate(q, k, v, planes, beta, normalize)
-    T = q.shape[-2]
-    if not (isinstance(prompt_len, int) and 1 <= prompt_len <= T):
-        raise UsageError(f"prompt_len must be a whole number between 1 and T = {T}, not {prompt_len!r}")
-    out, state = race_prefill(q[..., :prompt_len, :], k[..., :prompt_len, :], v[..., :prompt_len, :], planes,
-                              beta=beta, normalize=normalize, eps=eps)
-    steps = [race_decode_step(state, q[..., t:t + 1, :], k[..., t:t + 1, :], v[..., t:t + 1, :], planes, beta=beta,
-                              normalize=normalize, eps=eps) for t in range(prompt_len, T)]
-    return torch.cat([out.detach(), *steps], dim=-2)
+    kw = dict(beta=beta, normalize=normalize, eps=eps)
+    decoder = Decoder(lambda q, k, v: race_prefill(q, k, v, planes, **kw),
+                      lambda state, q, k, v: race_decode_step(state, q, k, v, planes, **kw),
+                      lambda state: state.nbytes)
+    return decode_all(decoder, q, k, v, prompt_len)
