@@ -17,7 +17,8 @@ PRESET_NAMES = tuple(PRESETS)
 PLOTS_DIR = Path("plots")
 __all__ = ["DTYPES", "MODES", "PRESET_NAMES", "load_plugins", "resolve_device", "baseline_dir", "methods",
            "environment", "sweep_spec", "resumed_spec", "new_run_dir", "sweep", "latest_run", "load_run", "plot",
-           "report", "report_markdown", "compare", "nothing_ran"]
+           "report", "report_markdown", "compare", "nothing_ran", "fidelity_spec",
+           "resumed_fidelity_spec", "fidelity", "quality_spec", "quality"]
 
 
 def methods(plugins=()) -> list:
@@ -92,6 +93,45 @@ def sweep(spec, out: Path, *, resume: bool = False, command: str = "", progress=
     return run_sweep(spec, Path(out), resume=resume, command=command, progress=progress)
 
 
+def fidelity_spec(**options):
+    """A validated FidelitySpec from `racebench fidelity`'s options (None = not given); see build_fidelity_spec."""
+    from racebench.bench.fidelity import build_fidelity_spec
+
+    return build_fidelity_spec(**options)
+
+
+def resumed_fidelity_spec(out: Path):
+    """The FidelitySpec recorded in the fidelity run folder `out`, for --resume."""
+    from racebench.bench.fidelity import stored_spec
+
+    meta = load_meta(out)
+    if meta.get("kind") != "fidelity":
+        raise UsageError(f"{out} is not a fidelity run (racebench sweep --resume continues a sweep)")
+    return stored_spec(meta)
+
+
+def fidelity(spec, out: Path, *, command: str = "", resume: bool = False, progress=None):
+    """Score each method and knob setting of `spec` against exact attention into the run folder `out` (a sweep's
+    format, run.json kind "fidelity"); returns its RunStore."""
+    from racebench.bench.fidelity_runner import run_fidelity
+
+    return run_fidelity(spec, Path(out), command=command, resume=resume, progress=progress)
+
+
+def quality_spec(**options):
+    """A validated QualitySpec from `racebench quality`'s options (None = not given)."""
+    from racebench.quality.runner import build_quality_spec
+
+    return build_quality_spec(**options)
+
+
+def quality(spec, out: Path, *, command: str = "", progress=None):
+    """Train and score MQAR models with each method of `spec` into the run folder `out` (kind "quality")."""
+    from racebench.quality.runner import run_quality
+
+    return run_quality(spec, Path(out), command=command, progress=progress)
+
+
 def nothing_ran(df) -> str | None:
     """Why no point of a sweep's results ran (every one unsupported, failed or skipped), or None if one did."""
     from racebench.results.summary import nothing_ran as why
@@ -116,10 +156,23 @@ def plot(runs: list[Path] | None = None, *, out: Path | None = None, fmt: str = 
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
     chosen = tuple(m.strip() for m in methods.split(",") if m.strip()) if methods else None
     opts = FigureOptions(style=style, size=parse_size(size), title=title, methods=chosen)
-    frames = [load_run(p) for p in (runs or [latest_run()])]
+    paths = runs or [latest_run()]
+    kinds = {load_meta(p).get("kind", "sweep") for p in paths}
+    if len(kinds) > 1:
+        raise UsageError(f"plot runs of one kind at a time: these are {', '.join(sorted(kinds))} runs")
+    frames = [load_run(p, samples=kinds == {"quality"}) for p in paths]  # a quality run's figures read its curves
     out = out or PLOTS_DIR / "+".join(meta["run_id"] for meta, _ in frames)
+    make = {}
+    if kinds == {"fidelity"}:
+        from racebench.views.fidelity import fidelity_figures
+
+        make = {"make": fidelity_figures}
+    elif kinds == {"quality"}:
+        from racebench.views.quality import quality_figures
+
+        make = {"make": quality_figures}
     try:
-        return save_figures(frames, out, fmt, opts)
+        return save_figures(frames, out, fmt, opts, **make)
     except OSError as exc:
         raise UsageError(f"cannot write figures into {out}: {exc.strerror}") from None
 

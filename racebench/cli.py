@@ -5,6 +5,7 @@ No torch at import: `racebench --help` and `racebench report` never load it. The
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import io
@@ -43,6 +44,18 @@ def show(table) -> None:
 def _command_line() -> str:
     """This process's command, shell-quoted, as run.json records it."""
     return shlex.join(["racebench", *sys.argv[1:]])
+
+
+@contextlib.contextmanager
+def interruptible(out_dir: Path, again: str | None = None):
+    """Ctrl-C or a kill (SIGTERM) ends a long command cleanly: what finished is saved; says where, and how to go on."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    except KeyboardInterrupt:
+        err_console.print(f"interrupted: what finished is saved in {out_dir}" + (f"; continue with `{again}`"
+                                                                                  if again else ""))
+        raise typer.Exit(130) from None
 
 
 def user_errors(fn):
@@ -96,6 +109,9 @@ def sweep(
                                                "options: 1)")] = None,
     repeats: Annotated[int | None, typer.Option(help="Timed passes per point. (default: 5; the sweep with no "
                                                 "options: 3)")] = None,
+    rounds: Annotated[int | None, typer.Option(help="Measure each completed point again in new processes until it "
+                                               "has this many, spread over the run: a spread between processes "
+                                               "for compare. (default: 1; ci presets: 8 on CPU, 5 on CUDA)")] = None,
     time_budget: Annotated[str | None, typer.Option(help="Time allowed per point: 90s, 5m. (default: 60s; the "
                                                     "sweep with no options: 20s)")] = None,
     memory_budget: Annotated[str | None, typer.Option(help="Memory allowed per point: 1GiB, 512MB, 80%. (default: "
@@ -122,19 +138,12 @@ def sweep(
 
     options = dict(preset=preset, methods=methods, lengths=lengths, min_len=min_len, max_len=max_len, growth=growth,
                    batch=batch, heads=heads, head_dim=head_dim, dtype=dtype, device=device, causal=causal, mode=mode,
-                   warmup=warmup, repeats=repeats, time_budget=time_budget, memory_budget=memory_budget,
+                   warmup=warmup, repeats=repeats, rounds=rounds, time_budget=time_budget, memory_budget=memory_budget,
                    refine=refine, seed=seed, knobs=knobs, nproc=nproc, plugins=plugin, decode_tokens=decode_tokens)
     spec = api.resumed_spec(out, options) if resume else api.sweep_spec(**options, oversubscribe=oversubscribe)
     out_dir = out or api.new_run_dir(spec)
-    command = _command_line()
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a kill ends the sweep as cleanly as Ctrl-C
-    try:
-        with sweep_progress(spec, console) as progress:
-            store = api.sweep(spec, out_dir, resume=resume, command=command, progress=progress)
-    except KeyboardInterrupt:
-        err_console.print(f"interrupted: finished points are saved in {out_dir}; continue with "
-                          f"`racebench sweep --resume --out {out_dir}`")
-        raise typer.Exit(130) from None
+    with interruptible(out_dir, f"racebench sweep --resume --out {out_dir}"), sweep_progress(spec, console) as progress:
+        store = api.sweep(spec, out_dir, resume=resume, command=_command_line(), progress=progress)
     _, df = api.load_run(store.path)
     show(thresholds_table(df))
     console.print(f"results: {store.path}/results.csv  (run.json, points.jsonl beside it)")
@@ -194,6 +203,90 @@ def baseline(
     console.print(f"baseline: {store.path} (commit it; `racebench compare {store.path} NEW` gates a change)")
 
 
+def fidelity(
+    preset: Annotated[str | None, typer.Option(metavar="default|theory|pareto|beta", help="default: every "
+                                               "approximation at its defaults, race over L; theory: race against "
+                                               "angular attention over L at beta = 1000; pareto: error against "
+                                               "time over knobs; beta: race over beta.")] = None,
+    methods: Annotated[str | None, typer.Option(help="Comma-separated methods. (default: the preset's)")] = None,
+    lengths: Annotated[str | None, typer.Option(help="Comma-separated lengths, at most 2^14: the references are "
+                                                "T x T. (default: the preset's)")] = None,
+    inputs: Annotated[str | None, typer.Option(metavar="gaussian,clustered,model", help="Kinds of inputs. "
+                                               "(default: the preset's)")] = None,
+    grid: Annotated[list[str] | None, typer.Option(help="A knob's values to cross with the others, e.g. "
+                                                   "race_L=8,32,128; repeatable. (default: the preset's)")] = None,
+    knob: Annotated[list[str] | None, typer.Option(help="A knob's fixed value, e.g. race_beta=1000; "
+                                                   "repeatable.")] = None,
+    draws: Annotated[int | None, typer.Option(help="Fresh draws of inputs and random parameters per point. "
+                                              "(default: 3)")] = None,
+    heads: Annotated[int | None, typer.Option("--heads", "-H", help="Heads. (default: 4)")] = None,
+    head_dim: Annotated[int | None, typer.Option("--head-dim", "-D", help="Head dimension. (default: 128)")] = None,
+    causal: Annotated[bool, typer.Option("--causal/--non-causal", help="Causal masking.")] = False,
+    seed: Annotated[int | None, typer.Option(help="Seed of the first draw. (default: 0)")] = None,
+    timed: Annotated[bool, typer.Option("--time/--no-time", help="Measure each setting's time per fwd+bwd "
+                                        "pass (fp32, its own process).")] = True,
+    time_budget: Annotated[str | None, typer.Option(help="Time allowed per timed point. (default: 60s)")] = None,
+    model: Annotated[str | None, typer.Option(help="--inputs model: a `racebench quality` run folder; its softmax "
+                                              "model computes the q, k, v.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run folder. (default: results/fidelity-<preset>-<time>)")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the interrupted run in --out.")] = False,
+    plugin: Plugins = None,
+) -> None:
+    """How good, beside how fast: each method's output error against exact softmax attention (race's also against
+    the angular attention it estimates), read against uniform attention's, with its time per pass."""
+    import datetime as dt
+
+    from racebench.views.fidelity import fidelity_progress, fidelity_table
+
+    if resume:
+        if out is None:
+            raise UsageError("--resume needs --out: the folder of the run to continue")
+        spec = api.resumed_fidelity_spec(out)
+    else:
+        spec = api.fidelity_spec(preset=preset, methods=methods, lengths=lengths, inputs=inputs, grid=grid,
+                                 knobs=knob, draws=draws, heads=heads, head_dim=head_dim, causal=causal, seed=seed,
+                                 timed=timed, time_budget=time_budget, model=model, plugins=plugin)
+    out_dir = out or api.RESULTS_DIR / f"fidelity-{spec.preset}-{dt.datetime.now():%Y%m%d-%H%M%S}"
+    with interruptible(out_dir, f"racebench fidelity --resume --out {out_dir}"), \
+            fidelity_progress(spec, console) as progress:
+        store = api.fidelity(spec, out_dir, command=_command_line(), resume=resume, progress=progress)
+    _, df = api.load_run(store.path)
+    show(fidelity_table(df))
+    console.print(f"results: {store.path}/results.csv; figures: racebench plot {store.path}")
+
+
+def quality(
+    preset: Annotated[str | None, typer.Option(metavar="default|gpu", help="default: about 10 minutes on a 2-core "
+                                               "CPU; gpu: longer sequences, a wider model.")] = None,
+    methods: Annotated[str | None, typer.Option(help="Comma-separated causal methods. (default: flash, race, "
+                                                "linear, performer)")] = None,
+    lengths: Annotated[str | None, typer.Option(help="Sequence lengths. (default: 128,256)")] = None,
+    pairs: Annotated[str | None, typer.Option(help="Key-value pair counts, trained on in turn and scored; at most "
+                                              "T / 4 and 31 (the vocabulary's keys). (default: 4,8,16)")] = None,
+    steps: Annotated[int | None, typer.Option(help="Training steps of 32 sequences. (default: 400)")] = None,
+    d_model: Annotated[int | None, typer.Option(help="Model width. (default: 64)")] = None,
+    knob: Annotated[list[str] | None, typer.Option(help="A method knob's value, e.g. race_L=8; repeatable.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the model, the data and the methods' random "
+                                             "parameters. (default: 0)")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run folder. (default: results/quality-<preset>-<time>)")] = None,
+    plugin: Plugins = None,
+) -> None:
+    """Train a small model on multi-query associative recall with each attention method swapped in (same seed,
+    steps and optimizer) and score it on held-out sequences against the number of key-value pairs."""
+    import datetime as dt
+
+    from racebench.views.quality import quality_progress, quality_table
+
+    spec = api.quality_spec(preset=preset, methods=methods, lengths=lengths, pairs=pairs, steps=steps,
+                            d_model=d_model, seed=seed, knobs=knob, plugins=plugin)
+    out_dir = out or api.RESULTS_DIR / f"quality-{spec.preset}-{dt.datetime.now():%Y%m%d-%H%M%S}"
+    with interruptible(out_dir), quality_progress(spec, console) as progress:
+        store = api.quality(spec, out_dir, command=_command_line(), progress=progress)
+    _, df = api.load_run(store.path)
+    show(quality_table(df))
+    console.print(f"results: {store.path}/results.csv; figures: racebench plot {store.path}")
+
+
 def env() -> None:
     """Print the environment that every run records in its run.json."""
     from racebench.views.tables import environment_table
@@ -230,6 +323,17 @@ def report(
     over the baseline method and peak memory against the floor; and the run's environment."""
     from racebench.views.tables import environment_table, frame_table
 
+    kind = api.load_meta(run or api.latest_run()).get("kind", "sweep")
+    if kind != "sweep":  # a fidelity or quality run: its own table
+        if markdown or at:
+            raise UsageError(f"report --markdown and --at read sweeps; {run} is a {kind} run")
+        from racebench.views.fidelity import fidelity_table
+        from racebench.views.quality import quality_table
+
+        meta, df = api.load_run(run or api.latest_run())
+        show((fidelity_table if kind == "fidelity" else quality_table)(df))
+        show(environment_table(meta["environment"]))
+        return
     if markdown:
         write_text(str(markdown), api.report_markdown(run, at=at))
         return
@@ -323,7 +427,7 @@ def make_app() -> typer.Typer:
                                                    help="Print racebench's version and exit.")] = False) -> None:
         """Benchmarks for long-context attention: RACE against FlashAttention and linear attention."""
 
-    for fn in (methods, _sweep_command(), baseline, env, plot, report, compare):
+    for fn in (methods, _sweep_command(), baseline, fidelity, quality, env, plot, report, compare):
         app.command(fn.__name__)(user_errors(fn))
     return app
 

@@ -96,6 +96,12 @@ for run in paper-gpu-race paper-gpu-others causal-gpu decode-gpu; do
 done
 stage targets 10 "$PY" benchmarks/gpu_targets.py "$OUT/paper-gpu-race" "$OUT/paper-gpu-others" \
     --ceilings "$OUT/ceilings.json" --at 2^22
+# The CI regression gate's baseline for this GPU model (the ci-gpu preset: each point in 5 processes): minutes of its
+# own, so only when named, STAGES=baseline; commit $OUT/baseline as results/baselines/<model> (`racebench baseline
+# --where` on that machine names it).
+if [[ " ${STAGES:-} " == *" baseline "* ]]; then
+    stage baseline 300 "$PY" -m racebench baseline --device "$DEVICE" --out "$OUT/baseline"
+fi
 # The engine's CUDA paths (clocks after the device, the budget, CUDA OOM, the SDPA backends): a few points.
 stage tests-engine 30 "$PY" -m pytest -q -p no:benchmark tests/test_cuda_engine.py
 # Last, so that slow native compiles cannot cost a measurement (87 s on the H200; the smoke stage has already

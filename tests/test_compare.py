@@ -18,13 +18,19 @@ ENV = {"COLUMNS": "200"}
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
-def noisy_run(path, *, seed, slow=None, factor=1.0, spread=0.03, status=None, impl=None, repeats=10):
+def noisy_run(path, *, seed, slow=None, factor=1.0, spread=0.03, status=None, impl=None, repeats=10, rounds=1,
+              process_spread=0.0, calls=None):
     """A run of race, flash and linear whose timed passes are drawn around a fixed model: `slow` (a method) takes
-    `factor` times as long; `status` maps (method, T) to a failure; `impl` renames race's implementation."""
+    `factor` times as long; `status` maps (method, T) to a failure; `impl` renames race's implementation. Each
+    point's process draws a factor of its own (`process_spread`: processes of the same code differ more than one
+    process's passes do, as on a shared CPU); `calls` collects the points measured, in order."""
     rng = np.random.default_rng(seed)
 
     def model(spec, method, T):
+        if calls is not None:
+            calls.append((method, T))
         base = {"race": T / 100, "flash": T * T / 1e5, "linear": T / 50}[method] * (factor if method == slow else 1)
+        base *= np.exp(process_spread * rng.standard_normal())
         times = list(base * (1 + spread * rng.standard_normal(repeats)))
         st = (status or {}).get((method, T), "ok")
         return {"method": method, "T": T, "status": st, "device": "cpu", "dtype": "fp32", "B": 1, "H": 4, "D": 16,
@@ -33,7 +39,7 @@ def noisy_run(path, *, seed, slow=None, factor=1.0, spread=0.03, status=None, im
                 "impl": (impl or {}).get(method, "torch"), "error": None if st == "ok" else f"{st} here"}
 
     spec = build_spec(methods="race,flash,linear", lengths="1K,2K,4K", heads="4", head_dim="16", time_budget="1h",
-                      memory_budget="1GiB")
+                      memory_budget="1GiB", rounds=rounds)
     run_sweep(spec, path, measure=model)
     return path
 
@@ -69,6 +75,95 @@ def test_noise_wider_than_the_slowdown_is_not_a_regression(tmp_path):
     doc = json.loads(result.stdout)
     race = [p for p in doc["points"] if p["method"] == "race"]
     assert all(p["kind"] == "same" and p["ratio_lo"] < 1.1 for p in race), race
+
+
+def test_rounds_spread_each_point_over_the_run_and_fold_into_one_row(tmp_path):
+    from racebench.results.store import load_run
+
+    calls = []
+    run = noisy_run(tmp_path / "run", seed=1, rounds=3, repeats=4, calls=calls)
+    first = [(m, T) for m in ("race", "flash", "linear") for T in (1024, 2048, 4096)]
+    assert calls == first * 3  # the whole sweep, then each later round in the same order
+    rows = [json.loads(line) for line in (run / "points.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1] * 9 + [2] * 9 + [3] * 9
+    _, table = load_run(run)
+    assert len(table) == 9 and (table.rounds == 3).all() and (table.repeats == 12).all()
+    _, full = load_run(run, samples=True)
+    for r in full.itertuples():
+        mine = [x for x in rows if (x["method"], x["T"]) == (r.method, r.T)]
+        assert r.round_ms == [x["time_ms"] for x in mine] and r.time_ms == float(np.median(r.round_ms))
+        assert sorted(r.times_ms) == sorted(t for x in mine for t in x["times_ms"])
+        assert r.time_ms_min == min(r.times_ms) and r.time_ms_max == max(r.times_ms)
+
+
+def test_a_point_that_fails_in_a_later_round_is_not_ok(tmp_path):
+    from racebench.results.timing import merge_rounds
+
+    ok = {"method": "race", "T": 1024, "status": "ok", "time_ms": 2.0, "times_ms": [2.0], "tokens_per_s": 5e5,
+          "peak_mem_bytes": 10, "error": None}
+    rows = merge_rounds([ok | {"round": 1}, ok | {"round": 2, "peak_mem_bytes": 30},
+                         {"method": "race", "T": 1024, "status": "timeout", "error": "slow", "round": 3}])
+    assert len(rows) == 1 and rows[0]["status"] == "timeout" and rows[0]["rounds"] == 3
+    merged = merge_rounds([ok | {"round": 2, "time_ms": 4.0, "times_ms": [4.0]}, ok | {"round": 1}])[0]
+    assert merged["round_ms"] == [2.0, 4.0] and merged["peak_mem_bytes"] == 10 and merged["time_ms"] == 3.0
+    assert merged["tokens_per_s"] == pytest.approx(1000 / 3.0 * 1e3)  # tokens from the first round: 1000
+
+
+def test_a_resumed_run_finishes_its_rounds_without_repeating_any(tmp_path):
+    calls, interrupt = [], [True]
+    spec = build_spec(methods="race,linear", lengths="1K,2K", time_budget="1h", memory_budget="1GiB", rounds=3)
+
+    def measure(spec, method, T):
+        calls.append((method, T))
+        if interrupt[0] and len(calls) == 6:
+            raise KeyboardInterrupt
+        return {"method": method, "T": T, "status": "ok", "time_ms": 1.0, "times_ms": [1.0], "device": "cpu"}
+
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(spec, tmp_path / "run", measure=measure)
+    calls.clear()
+    interrupt[0] = False
+    run_sweep(spec, tmp_path / "run", resume=True, measure=measure)
+    assert calls == [("race", 2048), ("linear", 1024), ("linear", 2048)] + [("race", 1024), ("race", 2048),
+                                                                             ("linear", 1024), ("linear", 2048)]
+    rounds = [json.loads(line)["round"] for line in (tmp_path / "run" / "points.jsonl").read_text().splitlines()]
+    assert sorted(rounds) == [1] * 4 + [2] * 4 + [3] * 4
+
+
+def test_the_gate_judges_processes_not_passes(tmp_path):
+    """Processes of the same code that differ by 15% while each one's passes agree to 1%: judged on passes, two
+    runs of one code differ "beyond the noise"; judged on rounds (a process each) they do not, and a 1.5x
+    slowdown still shows."""
+    def flagged(base, cand):
+        result = runner.invoke(app, ["compare", str(base), str(cand), "--format", "json"], env=ENV)
+        doc = json.loads(result.stdout)
+        return {(p["method"], p["T"]) for p in doc["points"] if p["kind"] == "regression"}, doc
+
+    noise = dict(spread=0.01, repeats=5, process_spread=0.15)
+    one = [noisy_run(tmp_path / f"one-{i}", seed=i, **noise) for i in range(4)]
+    assert sum(bool(flagged(a, b)[0]) for a, b in [(one[0], one[1]), (one[2], one[3]), (one[1], one[2])]) >= 2
+    base = noisy_run(tmp_path / "base", seed=10, rounds=8, **noise)
+    same = noisy_run(tmp_path / "same", seed=11, rounds=8, **noise)
+    slow = noisy_run(tmp_path / "slow", seed=12, rounds=8, slow="flash", factor=1.5, **noise)
+    assert "record both runs with --rounds" in flagged(one[0], one[1])[1]["summary"]
+    hits, doc = flagged(base, same)
+    assert not hits and {p["samples"] for p in doc["points"]} == {"rounds"} and "--rounds" not in doc["summary"]
+    hits, doc = flagged(base, slow)
+    assert {m for m, _ in hits} == {"flash"}
+    assert all("from the rounds" in n for n in doc["regressions"])
+
+
+def test_the_rates_benchmark_counts_false_alarms_and_detections(tmp_path):
+    import subprocess
+    import sys
+
+    runs = [str(noisy_run(tmp_path / f"run-{i}", seed=i, rounds=4, repeats=3, spread=0.01, process_spread=0.02))
+            for i in range(3)]
+    for extra in ([], ["--one-round"]):
+        out = subprocess.run([sys.executable, "benchmarks/gate_rates.py", *runs, "--method", "linear", "--factor",
+                              "1.5", *extra], capture_output=True, text=True, cwd=RESULTS.parent, check=True).stdout
+        assert "false alarms (same code flagged): 0 of 3" in out, out
+        assert "detected (linear slowed 1.5x): 3 of 3" in out and "another method too: 0 of 3" in out, out
 
 
 def test_every_status_change_is_named(tmp_path):
@@ -123,8 +218,8 @@ def test_output_to_a_file_and_to_stdout(tmp_path):
 
 
 def test_every_timed_pass_is_kept_and_results_csv_has_the_spread(tmp_path):
-    from racebench.bench.worker import timing_fields
     from racebench.results.store import load_run
+    from racebench.results.timing import timing_fields
 
     fields = timing_fields([4.0, 1.0, 3.0, 2.0, 100.0], tokens=1000)
     assert (fields["time_ms"], fields["time_ms_min"], fields["time_ms_max"]) == (3.0, 1.0, 100.0)
@@ -142,7 +237,7 @@ def test_presets_for_ci_and_the_baseline_folder():
 
     assert set(api.PRESET_NAMES) == set(PRESETS)
     spec = build_spec(preset="ci-cpu")
-    assert spec.methods == ("race", "race-paper", "flash", "linear") and spec.repeats == 10
+    assert spec.methods == ("race", "race-paper", "flash", "linear") and (spec.repeats, spec.rounds) == (3, 8)
     assert spec.lengths == (1024, 2048, 4096) and spec.device == "cpu"
     result = runner.invoke(app, ["baseline", "--device", "cpu", "--where"], env=ENV)
     assert result.exit_code == 0 and result.output.strip().startswith("results/baselines/cpu-")

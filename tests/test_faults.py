@@ -300,6 +300,7 @@ def test_a_non_editable_install_records_its_commit(tmp_path, monkeypatch):
     (["--out", "/proc/racebench-run"], "cannot make a run folder there"),
     (["--lengths", "2^20000"], "over 2^40 tokens"),
     (["--warmup", "-3"], "--warmup must be at least 0"),
+    (["--rounds", "0"], "--rounds must be positive"),
     (["--nproc", "1000"], "--oversubscribe runs it anyway"),
 ])
 def test_bad_sweep_input(tmp_path, args, message):

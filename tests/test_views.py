@@ -186,6 +186,30 @@ def test_piped_sweep_output_keeps_every_header_and_prints_a_line_per_point(tmp_p
     assert len(points) == 4 and all(" ok " in line for line in points)
 
 
+def test_a_sweep_in_rounds_says_which_round_each_point_is(tmp_path):
+    import pandas as pd
+
+    result = runner.invoke(app, ["sweep", "--methods", "linear", "--lengths", "64,128", "-H", "1", "-D", "16",
+                                 "--repeats", "2", "--warmup", "0", "--rounds", "3", "--out", str(tmp_path / "run")],
+                           env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    points = [line for line in result.output.splitlines() if line.startswith("  linear ")]
+    assert [line.rstrip()[-9:] for line in points] == [f"round {n}/3" for n in (1, 1, 2, 2, 3, 3)]
+    table = pd.read_csv(tmp_path / "run" / "results.csv")
+    assert list(table.rounds) == [3, 3] and list(table.repeats) == [6, 6] and "round_ms" not in table
+
+
+def test_eta_counts_the_later_rounds():
+    from racebench.views.progress import Eta
+
+    eta = Eta(build_spec(methods="race", lengths="1K,2K", time_budget="60s", rounds=3))
+    eta.record("race", 1024, {"status": "ok", "point_wall_s": 1.0})
+    eta.record("race", 2048, {"status": "ok", "point_wall_s": 2.0})
+    assert eta.seconds() == pytest.approx(2 * 3.0)  # two more rounds of what the first took
+    eta.record("race", 1024, {"status": "ok", "point_wall_s": 1.5}, round_=2)
+    assert eta.seconds() == pytest.approx(6.0 - 1.5)
+
+
 def test_eta_extrapolates_each_method_from_its_finished_points():
     from racebench.views.progress import Eta
 

@@ -15,7 +15,8 @@ import torch
 
 from racebench.bench import memory
 from racebench.bench.spec import SweepSpec
-from racebench.bench.worker import early_timeout, failure, finite, timing_fields, verdict
+from racebench.bench.worker import early_timeout, failure, finite, verdict
+from racebench.results.timing import timing_fields
 
 
 def measure_inference(spec: SweepSpec, row: dict, T: int, build, start: float) -> dict:

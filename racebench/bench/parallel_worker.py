@@ -14,8 +14,9 @@ import torch
 import torch.distributed as dist
 
 from racebench.bench.spec import SweepSpec
-from racebench.bench.worker import die_with_parent, measure, point_row, timing_fields
+from racebench.bench.worker import die_with_parent, measure, point_row
 from racebench.methods.registry import get_method
+from racebench.results.timing import timing_fields
 
 
 def shard_bounds(T: int, n: int) -> list[int]:

@@ -127,13 +127,13 @@ def _plan_row(spec: SweepSpec, method: str, state: MethodState, T: int) -> dict 
     return None
 
 
-ProgressFn = Callable[[str, int, dict | None], None]
+ProgressFn = Callable[..., None]  # (method, T, row or None, round)
 
 
 def run_sweep(spec: SweepSpec, out: Path, *, resume: bool = False, command: str = "",
               progress: ProgressFn | None = None, measure: Callable = run_child) -> RunStore:
-    """Run (or continue) a sweep into `out`, holding the folder's lock throughout. `progress(method, T, row)` is
-    called before (row None) and after each point."""
+    """Run (or continue) a sweep into `out`, holding the folder's lock throughout. `progress(method, T, row, round)`
+    is called before (row None) and after each point."""
     with writing(out):
         return _run_locked(spec, out, resume=resume, command=command, progress=progress, measure=measure)
 
@@ -155,20 +155,20 @@ def _run_locked(spec: SweepSpec, out: Path, *, resume: bool, command: str, progr
         if measure is run_child:  # how each point's process starts: forked from racebench's server, or spawned
             meta["point_start_method"] = _context(spec.device).get_start_method()
         store = RunStore.create(out, meta)
-    done = {(r["method"], int(r["T"])): r for r in store.rows()}
-    report = progress or (lambda method, T, row: None)
+    done = {(r["method"], int(r["T"]), r.get("round") or 1): r for r in store.rows()}
+    report = progress or (lambda method, T, row, round_: None)
 
-    def point(method: str, T: int, state: MethodState, refine: bool = False) -> dict:
-        if (method, T) in done:
-            row = done[(method, T)]
+    def point(method: str, T: int, state: MethodState, refine: bool = False, round_: int = 1) -> dict:
+        if (method, T, round_) in done:
+            row = done[(method, T, round_)]
         else:
-            report(method, T, None)
-            row = _plan_row(spec, method, state, T) or measure(spec, method, T)
-            row["refine"] = refine
+            report(method, T, None, round_)
+            row = (_plan_row(spec, method, state, T) if round_ == 1 else None) or measure(spec, method, T)
+            row["refine"], row["round"] = refine, round_
             store.append(row)
-            done[(method, T)] = row
+            done[(method, T, round_)] = row
         state.update(row)
-        report(method, T, row)
+        report(method, T, row, round_)
         return row
 
     for method in spec.methods:  # e.g. build native kernels here, not inside a point's budget
@@ -180,6 +180,12 @@ def _run_locked(spec: SweepSpec, out: Path, *, resume: bool, command: str, progr
                 point(method, T, state)
             if spec.refine and state.failed and state.last_ok():
                 _refine(spec, method, state, point)
+        # Later rounds measure every completed point again, each in a process of its own, spread over the run's
+        # whole length, so that a point's rounds differ as much as two runs' processes do (compare's samples).
+        first = [r for (_, _, n), r in done.items() if n == 1 and r["status"] == "ok"]
+        for round_ in range(2, spec.rounds + 1):
+            for r in first:
+                point(r["method"], int(r["T"]), MethodState(), refine=bool(r.get("refine")), round_=round_)
     finally:
         store.write_table()
         meta = store.meta()

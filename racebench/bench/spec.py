@@ -40,10 +40,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "quick": dict(tag="quick", min_len="2^8", max_len="2^12", warmup=1, repeats=3, time_budget="30s"),
     # Regression gates on CI runners: lengths above a device's fixed cost per pass, enough repeats for compare's
     # statistics, a few minutes in all (docs/regression-gate.md).
-    "ci-cpu": dict(tag="ci", device="cpu", dtype="fp32", min_len="2^10", max_len="2^12", warmup=2, repeats=10,
-                   time_budget="60s"),
-    "ci-gpu": dict(tag="ci", device="cuda", dtype="bf16", min_len="2^16", max_len="2^20", warmup=3, repeats=20,
-                   time_budget="60s"),
+    # Each point in several rounds, a process each: processes of the same code differ by more than one
+    # process's passes do, so compare's samples are the rounds.
+    "ci-cpu": dict(tag="ci", device="cpu", dtype="fp32", min_len="2^10", max_len="2^12", warmup=2, repeats=3,
+                   rounds=8, time_budget="60s"),
+    "ci-gpu": dict(tag="ci", device="cuda", dtype="bf16", min_len="2^16", max_len="2^20", warmup=3, repeats=10,
+                   rounds=5, time_budget="60s"),
 }
 
 
@@ -66,6 +68,7 @@ class SweepSpec:
     mode: str = "fwd+bwd"
     warmup: int = 2
     repeats: int = 5
+    rounds: int = 1  # processes per completed point: the sweep, then rounds - 1 passes over its completed points
     time_budget_s: float = 60.0
     memory_budget_bytes: int = 2**30
     refine: float | None = None
@@ -144,6 +147,33 @@ def _count(name: str, value: Any, minimum: int) -> int:
     return v
 
 
+def load_plugin_files(plugins) -> tuple[str, ...]:
+    """Load the users' method files given (--plugin); their resolved paths, as run.json keeps them."""
+    paths = tuple(str(Path(p).expanduser().resolve()) for p in plugins or ())
+    load_plugins(paths)
+    return paths
+
+
+def choose_preset(presets: dict[str, dict], preset: str | None, what: str = "") -> tuple[str, dict]:
+    """(name, options) of a command's preset (default: "default"); an unknown name is a UsageError listing them."""
+    name = preset or "default"
+    if name not in presets:
+        raise UsageError(f"unknown {what + ' ' if what else ''}preset {name!r}; presets: {', '.join(presets)}")
+    return name, presets[name]
+
+
+def parse_methods(text: str) -> tuple[str, ...]:
+    """--methods: comma-separated names of registered methods, none twice."""
+    names = tuple(m.strip() for m in str(text).split(",") if m.strip())
+    if not names:
+        raise UsageError("--methods names no method")
+    for m in names:
+        get_method(m)  # raises with the list of known methods
+    if len(set(names)) != len(names):
+        raise UsageError("--methods lists a method twice")
+    return names
+
+
 def usable_cores() -> int:
     """The cores this process may run on (its affinity: a container's or taskset's share, not the machine's)."""
     try:
@@ -207,20 +237,17 @@ def build_spec(*, preset: str | None = None, methods: str | None = None, lengths
                batch: int | None = None, heads: int | None = None, head_dim: int | None = None,
                dtype: str | None = None, device: str | None = None, causal: bool | None = None,
                mode: str | None = None, warmup: int | None = None, repeats: int | None = None,
-               time_budget: str | None = None, memory_budget: str | None = None, refine: float | None = None,
-               seed: int | None = None, knobs: dict[str, Any] | None = None, nproc: int | None = None,
-               plugins: list[str] | tuple[str, ...] | None = None, oversubscribe: bool = False,
-               decode_tokens: int | None = None) -> SweepSpec:
+               rounds: int | None = None, time_budget: str | None = None, memory_budget: str | None = None,
+               refine: float | None = None, seed: int | None = None, knobs: dict[str, Any] | None = None,
+               nproc: int | None = None, plugins: list[str] | tuple[str, ...] | None = None,
+               oversubscribe: bool = False, decode_tokens: int | None = None) -> SweepSpec:
     """Options as the CLI gives them (None = not given) -> a validated SweepSpec. `oversubscribe` lets --nproc
     exceed the usable cores."""
-    plugin_paths = tuple(str(Path(p).expanduser().resolve()) for p in plugins or ())
-    load_plugins(plugin_paths)
-    name = preset or "default"
-    if name not in PRESETS:
-        raise UsageError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
     given = {k: v for k, v in locals().items()
-             if k not in ("preset", "name", "knobs", "plugins", "plugin_paths", "oversubscribe") and v is not None}
-    opts = PRESETS[name] | given
+             if k not in ("preset", "knobs", "plugins", "oversubscribe") and v is not None}
+    plugin_paths = load_plugin_files(plugins)
+    name, chosen = choose_preset(PRESETS, preset)
+    opts = chosen | given
 
     device = resolve_device(opts.get("device", "auto"))
     text = opts.get("dtype") or ("bf16" if device == "cuda" else "fp32")
@@ -233,16 +260,7 @@ def build_spec(*, preset: str | None = None, methods: str | None = None, lengths
         if not torch.cuda.is_bf16_supported():
             raise UsageError("--dtype bf16: this GPU cannot run bfloat16")
 
-    if "methods" in opts:
-        method_names = tuple(m.strip() for m in str(opts["methods"]).split(",") if m.strip())
-    else:
-        method_names = preset_methods(name)
-    if not method_names:
-        raise UsageError("--methods names no method")
-    for m in method_names:
-        get_method(m)  # raises with the list of known methods
-    if len(set(method_names)) != len(method_names):
-        raise UsageError("--methods lists a method twice")
+    method_names = parse_methods(opts["methods"]) if "methods" in opts else preset_methods(name)
     knobs = validate_knobs(knobs or {}, method_names)
 
     if "lengths" in opts:
@@ -267,6 +285,7 @@ def build_spec(*, preset: str | None = None, methods: str | None = None, lengths
         causal=bool(opts.get("causal", mode in DECODE_MODES)), mode=mode,
         decode_tokens=_positive_int("decode-tokens", opts.get("decode_tokens", 64)),
         warmup=_count("warmup", opts.get("warmup", 2), 0), repeats=_positive_int("repeats", opts.get("repeats", 5)),
+        rounds=_positive_int("rounds", opts.get("rounds", 1)),
         time_budget_s=parse_duration(opts.get("time_budget", "60s")), memory_budget_bytes=budget,
         refine=float(refine_prec) if refine_prec is not None else None, seed=int(opts.get("seed", 0)),
         knobs=knobs, preset=name,
@@ -291,7 +310,8 @@ def build_spec(*, preset: str | None = None, methods: str | None = None, lengths
 # The spec field each sweep option sets (--resume compares what it is given against the run's).
 _OPTION_FIELDS = dict(preset="preset", methods="methods", lengths="lengths", min_len="lengths", max_len="lengths",
                       growth="lengths", batch="B", heads="H", head_dim="D", dtype="dtype", device="device",
-                      causal="causal", mode="mode", warmup="warmup", repeats="repeats", time_budget="time_budget_s",
+                      causal="causal", mode="mode", warmup="warmup", repeats="repeats", rounds="rounds",
+                      time_budget="time_budget_s",
                       memory_budget="memory_budget_bytes", refine="refine", seed="seed", nproc="nproc",
                       plugins="plugins", decode_tokens="decode_tokens")
 

@@ -14,7 +14,6 @@ import ctypes
 import os
 import select
 import signal
-import statistics
 import threading
 import time
 import traceback
@@ -25,6 +24,7 @@ from racebench.bench import memory
 from racebench.bench.spec import SweepSpec
 from racebench.bench.units import format_bytes
 from racebench.methods.registry import DECODE_MODES, NO_BUILD_ENV, get_method
+from racebench.results.timing import timing_fields
 
 
 def die_with_parent() -> None:
@@ -93,16 +93,6 @@ class SumLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad.to(ctx.dtype).expand(ctx.shape)
-
-
-def timing_fields(times_ms: list[float], tokens: int) -> dict:
-    """What a row records of its timed passes: every one (times_ms, kept in points.jsonl for compare's statistics),
-    their median, min, max and interquartile range, and tokens per second at the median."""
-    median = statistics.median(times_ms)
-    quartiles = statistics.quantiles(times_ms, n=4, method="inclusive") if len(times_ms) > 1 else [median] * 3
-    return dict(time_ms=median, time_ms_min=min(times_ms), time_ms_max=max(times_ms),
-                time_ms_iqr=quartiles[2] - quartiles[0], repeats=len(times_ms), tokens_per_s=tokens / median * 1e3,
-                times_ms=list(times_ms))
 
 
 def _make_pass(fn, q, k, v, mode, sync):

@@ -54,5 +54,5 @@ angular = register_method(Method(
     color="tab:pink",
     marker="p",
     family="angular",
-    presets=frozenset({"default", "paper"}),
+    presets=frozenset({"default", "paper", "fidelity"}),
 ))

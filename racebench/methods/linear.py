@@ -174,7 +174,7 @@ linear = register_method(Method(
     color="tab:red",
     marker=">",
     family="linear",
-    presets=frozenset({"default", "paper", "quick", "ci"}),
+    presets=frozenset({"default", "paper", "quick", "ci", "fidelity"}),
 ))
 performer = register_method(Method(
     name="performer",
@@ -186,7 +186,7 @@ performer = register_method(Method(
     color="tab:purple",
     marker="*",
     family="linear",
-    presets=frozenset({"default", "paper"}),
+    presets=frozenset({"default", "paper", "fidelity", "fidelity-pareto"}),
 ))
 linformer = register_method(Method(
     name="linformer",
@@ -198,5 +198,5 @@ linformer = register_method(Method(
     color="tab:brown",
     marker="h",
     family="low-rank",
-    presets=frozenset({"default", "paper"}),
+    presets=frozenset({"default", "paper", "fidelity", "fidelity-pareto"}),
 ))

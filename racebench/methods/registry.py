@@ -219,6 +219,12 @@ class Method:
     environment: Callable[[], dict] | None = None
     # Its inference form (prefill, then one token at a time from a state; causal only), or None: no decode form.
     decode: Callable[[BuildConfig], Decoder] | None = None
+    # The exact attention it estimates, beside softmax (race: angular attention with gamma = P), as (what it is, its
+    # definition): `racebench fidelity` scores the method against it too. None: it approximates softmax only.
+    estimates: Callable[[BuildConfig], tuple[str, AttentionFn]] | None = None
+    # The knob counting its estimator's independent samples (race: the tables L): its error against `estimates`
+    # should fall like knob^(-1/2), and fidelity's figure over it draws that law.
+    sample_knob: str | None = None
 
     def availability(self, device: str | None = None) -> str | None:
         """None if the method can run on `device` (any of its devices when None), else why not."""

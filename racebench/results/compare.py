@@ -1,8 +1,9 @@
-"""Regression gate: a candidate run's points against a baseline's, decided with the repeats' noise.
+"""Regression gate: a candidate run's points against a baseline's, decided with the noise between processes.
 
 A point is slower when the one-sided 95% lower bound of its time ratio (candidate median / baseline median,
-bootstrapped from both runs' timed passes) exceeds 1 + the tolerated slowdown: the slowdown is larger than the
-threshold by more than the repeats' spread explains (docs/regression-gate.md has the measured false-alarm and
+bootstrapped from both runs' rounds, a process each: --rounds; from their timed passes where a run has one round)
+exceeds 1 + the tolerated slowdown: the slowdown is larger than the threshold by more than the samples' spread
+explains (docs/regression-gate.md has the measured false-alarm and
 detection rates). Faster is the mirror image. Memory is deterministic enough to compare directly; each method's
 largest completed length is compared too. Every status change is named in words."""
 
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from racebench.results.schema import MATCH_COLUMNS, SAMPLE_COLUMN
+from racebench.results.schema import MATCH_COLUMNS, ROUND_COLUMN, SAMPLE_COLUMN
 from racebench.results.summary import thresholds
 
 CONFIDENCE = 0.95
@@ -83,9 +84,22 @@ def ratio_interval(base_ms, cand_ms, *, confidence: float = CONFIDENCE, seed: in
     return float(lo), float(hi)
 
 
-def _samples(row, side: str):
-    value = row.get(f"{SAMPLE_COLUMN}_{side}")
+def _listed(row, column: str, side: str) -> list | None:
+    value = row.get(f"{column}_{side}")
     return value if isinstance(value, list) and value else None
+
+
+def samples(row) -> tuple[list, list, str]:
+    """(baseline samples, candidate samples, what they are) of a matched point: each round's median where both runs
+    measured it in several processes (processes of the same code differ by more than one process's passes do, so
+    passes alone would call that difference a regression); else every timed pass; else the medians alone."""
+    rounds = [_listed(row, ROUND_COLUMN, side) for side in ("base", "cand")]
+    if all(r and len(r) > 1 for r in rounds):
+        return rounds[0], rounds[1], "rounds"
+    passes = [_listed(row, SAMPLE_COLUMN, side) for side in ("base", "cand")]
+    if all(passes):
+        return passes[0], passes[1], "passes"
+    return [row["time_ms_base"]], [row["time_ms_cand"]], "medians"
 
 
 def _judge(r: dict, limits: Limits) -> tuple[str, str, str]:
@@ -107,7 +121,7 @@ def _judge(r: dict, limits: Limits) -> tuple[str, str, str]:
         return "impl changed", "regression", (f"{what}: ran {r['impl_cand']} where the baseline ran "
                                               f"{r['impl_base']}; times not compared")
     ratio, lo, hi = r["time_ratio"], r["ratio_lo"], r["ratio_hi"]
-    span = f"{ratio:.2f}x the baseline time (95% bounds {lo:.2f}-{hi:.2f}x)"
+    span = f"{ratio:.2f}x the baseline time (95% bounds {lo:.2f}-{hi:.2f}x from the {r['samples']})"
     if lo > 1 + limits.time:
         return "slower", "regression", f"{what}: {span}, over the {1 + limits.time:.2f}x limit"
     if r["mem_ratio"] > 1 + limits.memory:
@@ -127,8 +141,9 @@ def compare_runs(base: pd.DataFrame, cand: pd.DataFrame, *, limits: Limits = Lim
         df = df.copy()
         for k in keys:
             df[k] = df[k].map(_key) if k in df else "-"  # a knob of a method only the other run has
-        if SAMPLE_COLUMN not in df:
-            df[SAMPLE_COLUMN] = None
+        for col in (SAMPLE_COLUMN, ROUND_COLUMN):
+            if col not in df:
+                df[col] = None
         return df.drop_duplicates(keys, keep="last")
 
     m = prep(base).merge(prep(cand), on=keys, how="outer", suffixes=("_base", "_cand"), sort=False)
@@ -137,14 +152,17 @@ def compare_runs(base: pd.DataFrame, cand: pd.DataFrame, *, limits: Limits = Lim
         m[f"status_{side}"] = m[f"status_{side}"].fillna("missing")
     m["time_ratio"] = m.time_ms_cand / m.time_ms_base
     m["mem_ratio"] = m.peak_mem_bytes_cand / m.peak_mem_bytes_base
-    bounds = []
+    bounds, kinds = [], []
     for r in m.to_dict("records"):
-        b, c = _samples(r, "base"), _samples(r, "cand")
         if r["status_base"] == r["status_cand"] == "ok":
-            bounds.append(ratio_interval(b or [r["time_ms_base"]], c or [r["time_ms_cand"]]))
+            b, c, kind = samples(r)
+            bounds.append(ratio_interval(b, c))
+            kinds.append(kind)
         else:
             bounds.append((np.nan, np.nan))
+            kinds.append(None)
     m["ratio_lo"], m["ratio_hi"] = zip(*bounds) if bounds else ([], [])
+    m["samples"] = kinds
     judged = [_judge(r, limits) for r in m.to_dict("records")]
     m["verdict"], m["kind"], m["note"] = zip(*judged) if judged else ([], [], [])
     return Comparison(m, _methods(base, cand, limits), limits, list(mismatches))

@@ -16,7 +16,16 @@ import pandas as pd
 
 from racebench import locks
 from racebench.errors import UsageError
-from racebench.results.schema import NUMERIC_COLUMNS, REQUIRED_COLUMNS, SAMPLE_COLUMN, SCHEMA_VERSION, columns
+from racebench.results.schema import (
+    LIST_COLUMNS,
+    NUMERIC_COLUMNS,
+    REQUIRED_COLUMNS,
+    ROUND_COLUMN,
+    SAMPLE_COLUMN,
+    SCHEMA_VERSION,
+    columns,
+)
+from racebench.results.timing import merge_rounds
 
 log = logging.getLogger("racebench")
 LOCK = ".lock"
@@ -128,13 +137,14 @@ def writing(path: Path) -> Iterator[None]:
 
 
 def tidy(rows: list[dict], *, samples: bool = False) -> pd.DataFrame:
-    """One row per point, the schema's columns first; the list of timed passes (times_ms) only with `samples`."""
-    df = pd.DataFrame(rows)
+    """One row per point (its rounds merged), the schema's columns first; the lists (the timed passes times_ms, the
+    rounds' medians round_ms, a quality run's curves) only with `samples`."""
+    df = pd.DataFrame(merge_rounds(rows))
     cols = columns()
     for col in cols:
         if col not in df:
             df[col] = None
-    dropped = {"traceback"} | (set() if samples else {SAMPLE_COLUMN})
+    dropped = {"traceback"} | (set() if samples else set(LIST_COLUMNS))
     return df[cols + [c for c in df.columns if c not in cols and c not in dropped]]
 
 
@@ -195,13 +205,14 @@ def _points_frame(path: Path) -> pd.DataFrame:
 def load_run(path: Path | str, *, samples: bool = False) -> tuple[dict, pd.DataFrame]:
     """run.json and the results table of a run folder, from points.jsonl (the record; results.csv only for runs
     without one); refuses other schemas, missing columns and non-numeric numbers. With `samples`, every point's
-    timed passes too (times_ms; None where a run kept none)."""
+    timed passes and rounds' medians too (times_ms, round_ms; None where a run kept none)."""
     path = Path(path)
     meta = load_meta(path)
     if samples:
         df = tidy(RunStore(path).rows(), samples=True)
-        if SAMPLE_COLUMN not in df:
-            df[SAMPLE_COLUMN] = None
+        for col in (SAMPLE_COLUMN, ROUND_COLUMN):
+            if col not in df:
+                df[col] = None
     elif (path / "points.jsonl").exists():
         df = _points_frame(path)
     elif (path / "results.csv").exists():

@@ -21,7 +21,11 @@ def verdict(comparison) -> str:
     limits = (f"time over {1 + c.limits.time:.2f}x at 95% confidence, memory over {1 + c.limits.memory:.2f}x, "
               f"largest length down by more than {c.limits.threshold:.0%}")
     head = f"{bad} regression{'s' if bad != 1 else ''}" if bad else "No regression"
-    return f"{head} in {n} points ({good} improved; limits: {limits})."
+    sentence = f"{head} in {n} points ({good} improved; limits: {limits})."
+    if c.points.samples.isin(["passes", "medians"]).any():  # one process a side: its passes understate the noise
+        sentence += (" Some points were judged on one process per run, whose passes understate how much processes "
+                     "differ: record both runs with --rounds (the ci presets do).")
+    return sentence
 
 
 def _rows(comparison):
@@ -87,7 +91,7 @@ def to_markdown(comparison, baseline: str, candidate: str) -> str:
 def to_json(comparison, baseline: str, candidate: str) -> str:
     c = comparison
     keep = ["method", "T", "status_base", "status_cand", "impl_base", "impl_cand", "time_ms_base", "time_ms_cand",
-            "time_ratio", "ratio_lo", "ratio_hi", "mem_ratio", "verdict", "kind", "note"]
+            "time_ratio", "ratio_lo", "ratio_hi", "samples", "mem_ratio", "verdict", "kind", "note"]
     points = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
               for row in c.points[keep].to_dict("records")]
     doc = dict(verdict="regression" if c.regressions else "pass", summary=verdict(c), baseline=baseline,

@@ -473,11 +473,12 @@ def overlapping_texts(fig) -> list[tuple[str, str]]:
 
 
 def save_figures(frames: list[tuple[dict, pd.DataFrame]], out_dir: Path, fmt: str = "png",
-                 opts: FigureOptions = FigureOptions()) -> list[Path]:
+                 opts: FigureOptions = FigureOptions(), make=make_figures) -> list[Path]:
+    """Draw `make(frames, opts)`'s figures (a sweep's by default) into out_dir as name.fmt."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     with plt.rc_context(STYLES[opts.style]["rc"]):
-        for name, fig in make_figures(frames, opts).items():
+        for name, fig in make(frames, opts).items():
             path = out_dir / f"{name}.{fmt}"
             fig.savefig(path, dpi=STYLES[opts.style]["dpi"])
             plt.close(fig)

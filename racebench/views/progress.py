@@ -20,15 +20,20 @@ _RAN = ("ok", "oom", "timeout", "error", "nonfinite")  # statuses of points that
 class Eta:
     """Seconds the points left will take: per method, the wall time of its next lengths extrapolated from its last
     two finished points (power law, at least linear, at most the time budget); a method that failed or was never
-    run costs nothing more; a method not started yet costs what the started ones' points did on average."""
+    run costs nothing more; a method not started yet costs what the started ones' points did on average. Each
+    later round (--rounds) costs what the first round's completed points took, less what it has done already."""
 
     def __init__(self, spec: SweepSpec):
         self.spec = spec
         self.walls: dict[str, list[tuple[int, float]]] = {m: [] for m in spec.methods}
         self.stopped: set[str] = set()
         self.done: set[tuple[str, int]] = set()
+        self.later_s = 0.0  # wall time of the points of later rounds done so far
 
-    def record(self, method: str, T: int, row: dict) -> None:
+    def record(self, method: str, T: int, row: dict, round_: int = 1) -> None:
+        if round_ > 1:
+            self.later_s += float(row.get("point_wall_s") or 0)
+            return
         self.done.add((method, T))
         if row["status"] == "ok" and row.get("point_wall_s") is not None:
             self.walls[method].append((T, float(row["point_wall_s"])))
@@ -46,8 +51,10 @@ class Eta:
         return min(extrapolate(pts, T), cap)
 
     def seconds(self) -> float:
-        return sum(self._predict(m, T) for m in self.spec.methods if m not in self.stopped
-                   for T in self.spec.lengths if (m, T) not in self.done)
+        first = sum(self._predict(m, T) for m in self.spec.methods if m not in self.stopped
+                    for T in self.spec.lengths if (m, T) not in self.done)
+        completed = sum(w for ws in self.walls.values() for _, w in ws)
+        return first + max(0.0, (self.spec.rounds - 1) * (completed + first) - self.later_s)
 
 
 def _clock(seconds: float) -> str:
@@ -57,27 +64,35 @@ def _clock(seconds: float) -> str:
 
 @contextlib.contextmanager
 def sweep_progress(spec: SweepSpec, console: Console):
-    """Yields a progress callback for run_sweep(method, T, row): row None as a point starts, its row when done."""
+    """Yields a progress callback for run_sweep(method, T, row, round): row None as a point starts, its row when
+    done. The bar counts the first round's points, then each later round's."""
     live = console.is_terminal
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), TextColumn("{task.fields[eta]}"), console=console, transient=False,
                         disable=not live)
     task = progress.add_task("starting", total=len(spec.methods) * len(spec.lengths), eta="")
     seen: set[tuple[str, int]] = set()
+    completed: list[tuple[str, int]] = []  # the first round's completed points: what later rounds measure again
     eta = Eta(spec)
 
-    def update(method: str, T: int, row: dict | None) -> None:
-        if (method, T) not in seen and T not in spec.lengths:  # a --refine point
+    def update(method: str, T: int, row: dict | None, round_: int = 1) -> None:
+        if round_ > 1 and completed:  # the first round is over: the bar counts the later rounds' points too
+            progress.update(task, total=progress.tasks[0].total + (spec.rounds - 1) * len(completed))
+            completed.clear()
+        if round_ == 1 and (method, T) not in seen and T not in spec.lengths:  # a --refine point
             progress.update(task, total=progress.tasks[0].total + 1)
         seen.add((method, T))
+        which = f" round {round_}/{spec.rounds}" if spec.rounds > 1 else ""
         if row is None:
-            progress.update(task, description=f"{method} T={format_length(T)}")
+            progress.update(task, description=f"{method} T={format_length(T)}{which}")
             return
-        eta.record(method, T, row)
+        eta.record(method, T, row, round_)
         status = row["status"]
+        if round_ == 1 and status == "ok":
+            completed.append((method, T))
         detail = format_ms(row.get("time_ms")) if status == "ok" else (row.get("error") or "")[:80]
-        console.print(f"  {method:<14} T={format_length(T):<8} [{_STYLE.get(status, '')}]{status:<11}[/] {detail}",
-                      highlight=False, soft_wrap=not live)
+        console.print(f"  {method:<14} T={format_length(T):<8} [{_STYLE.get(status, '')}]{status:<11}[/] {detail}"
+                      f"{which}", highlight=False, soft_wrap=not live)
         progress.update(task, advance=1, eta=f"about {_clock(eta.seconds())} left")
 
     with progress:

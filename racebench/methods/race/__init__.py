@@ -46,6 +46,19 @@ NORMALIZE = Knob("race_normalize", str, "paper", "RACE: paper (Algorithm 1) or b
 RACE_KNOBS = (P, L, BETA, M, NORMALIZE)
 
 
+def _angular_target(method: Method):
+    """What race estimates (RACE.md): exact angular attention with gamma = P, as fidelity scores it."""
+
+    def target(cfg: BuildConfig):
+        from racebench.methods.angular import angular_attention
+
+        gamma = float(method.effective_knobs(cfg)["race_P"])
+        return (f"angular attention, gamma = {gamma:g}",
+                lambda q, k, v: angular_attention(q, k, v, gamma=gamma, causal=cfg.causal))
+
+    return target
+
+
 def _planes(cfg: BuildConfig, knobs: dict):
     from racebench.methods.race.hashing import make_planes
 
@@ -196,9 +209,11 @@ race = register_method(Method(
     color="tab:blue",
     marker="o",
     family="race",
-    presets=frozenset({"default", "paper", "quick", "ci"}),
+    presets=frozenset({"default", "paper", "quick", "ci", "fidelity", "fidelity-race", "fidelity-pareto"}),
     environment=_environment,
     decode=lambda cfg: _decoder(race, None)(cfg),
+    estimates=lambda cfg: _angular_target(race)(cfg),
+    sample_knob=L.name,
 ))
 race_torch = register_method(Method(
     name="race-torch",
@@ -211,6 +226,8 @@ race_torch = register_method(Method(
     color="tab:cyan",
     marker="d",
     family="race",
+    estimates=lambda cfg: _angular_target(race_torch)(cfg),
+    sample_knob=L.name,
 ))
 
 
@@ -232,5 +249,7 @@ race_paper_method = register_method(Method(
     color="tab:orange",
     marker="D",
     family="race",
-    presets=frozenset({"default", "paper", "ci"}),
+    presets=frozenset({"default", "paper", "ci", "fidelity"}),
+    estimates=lambda cfg: _angular_target(race_paper_method)(cfg),
+    sample_knob=L.name,
 ))
