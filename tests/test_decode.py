@@ -18,6 +18,12 @@ def rel(a, b) -> float:
     return float((a - b).norm() / b.norm())
 
 
+# Decoding sums its state one token at a time, the forward in chunks: a few fp32 ulps apart, which a 1e-6 bar
+# failed 1 seed in many (race-torch, prompt 1, 5 tokens: 1.9e-6 against the forward's 3.7e-7). A wrong state is off
+# by far more than 1e-5.
+TOL32 = 1e-5
+
+
 def cfg_for(method: str, T: int, dtype: str, **knobs) -> BuildConfig:
     return BuildConfig(B, H, T, D, dtype, "cpu", causal=True, seed=int(torch.randint(1000, ())), knobs=knobs,
                        mode="decode")
@@ -44,9 +50,9 @@ def test_decoded_outputs_equal_the_causal_forward(method, knobs, prompt, tokens)
     got32 = decode_all(m.decode(cfg32), q32, k32, v32, prompt)
     forward32 = m.build(cfg32)(q32, k32, v32)  # the fp32 causal forward: its error is the bar
     assert got32.dtype == torch.float32
-    assert rel(got32, want) <= 2 * rel(forward32, want) + 1e-6
+    assert rel(got32, want) <= 2 * rel(forward32, want) + TOL32
     assert rel(got32[..., prompt:, :], want[..., prompt:, :]) <= 2 * rel(forward32[..., prompt:, :],
-                                                                          want[..., prompt:, :]) + 1e-6
+                                                                          want[..., prompt:, :]) + TOL32
 
 
 @pytest.mark.parametrize("path", ["auto", "torch"])  # auto: the native step on the CPU where it is built
