@@ -76,7 +76,7 @@ def fidelity_table(df: pd.DataFrame, title: str = "Error against exact attention
     for col in ("method", "setting", "T", "inputs", "vs softmax", "uniform's", "row cosine", "KL (nats)",
                 "vs its target", "time per pass"):
         table.add_column(col)
-    for r in df.to_dict("records"):
+    for r in records:
         if r["status"] != "ok":
             table.add_row(r["method"], setting_text(r), format_length(int(r["T"])), str(r.get("inputs")),
                           f"[red]{r['status']}[/]", "", "", "", "", "")

@@ -76,51 +76,51 @@ def _style(method: str) -> dict:
     return dict(color=m.color or "black", marker=m.marker or "o")
 
 
-def accuracy_figure(df: pd.DataFrame, opts):
-    """Held-out accuracy against key-value pairs, a panel per length, a line per method."""
+def _per_length(ok: pd.DataFrame, opts, draw, *, xlabel: str, ylabel: str, title: str):
+    """A panel per length, shared y axis: draw(ax, the length's rows) fills it; one legend, outside."""
     from racebench.views.plots import _legend_outside
 
-    ok = df[df.status == "ok"]
     lengths = sorted(int(t) for t in ok["T"].unique())
     fig, axes = plt.subplots(1, len(lengths), figsize=opts.figsize, layout="constrained", squeeze=False,
                              sharey=True)
     for ax, T in zip(axes[0], lengths):
-        for method, g in ok[ok["T"] == T].groupby("method", sort=False):
+        draw(ax, ok[ok["T"] == T])
+        ax.set_xlabel(xlabel)
+        ax.set_title(f"T = {T}", loc="left", fontsize="medium")
+        ax.grid(True, alpha=0.3)
+    axes[0][0].set_ylabel(ylabel)
+    _legend_outside(axes[0][-1])
+    if opts.title:
+        fig.suptitle(title, x=0.0, ha="left")
+    return fig
+
+
+def accuracy_figure(df: pd.DataFrame, opts):
+    """Held-out accuracy against key-value pairs, a panel per length, a line per method."""
+
+    def draw(ax, rows):
+        for method, g in rows.groupby("method", sort=False):
             g = g.sort_values("pairs")
             ax.plot(g.pairs, g.accuracy, label=method, **_style(method))
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("key-value pairs")
         ax.set_ylim(-0.02, 1.02)
-        ax.set_title(f"T = {T}", loc="left", fontsize="medium")
-        ax.grid(True, alpha=0.3)
-    axes[0][0].set_ylabel("MQAR accuracy (held out)")
-    _legend_outside(axes[0][-1])
-    if opts.title:
-        fig.suptitle("Associative recall learned with each attention", x=0.0, ha="left")
-    return fig
+
+    return _per_length(df[df.status == "ok"], opts, draw, xlabel="key-value pairs",
+                       ylabel="MQAR accuracy (held out)", title="Associative recall learned with each attention")
 
 
 def loss_figure(df: pd.DataFrame, opts):
     """Training loss per step, a panel per length (a running mean over 25 steps)."""
-    from racebench.views.plots import _legend_outside
 
-    ok = df[(df.status == "ok") & df.losses.notna()].drop_duplicates(["method", "T"])
-    lengths = sorted(int(t) for t in ok["T"].unique())
-    fig, axes = plt.subplots(1, len(lengths), figsize=opts.figsize, layout="constrained", squeeze=False,
-                             sharey=True)
-    for ax, T in zip(axes[0], lengths):
-        for r in ok[ok["T"] == T].to_dict("records"):
+    def draw(ax, rows):
+        for r in rows.to_dict("records"):
             losses = pd.Series(r["losses"]).rolling(25, min_periods=1).mean()
             ax.plot(losses.index + 1, losses, label=r["method"], color=_style(r["method"])["color"])
         ax.set_yscale("log")
-        ax.set_xlabel("training step")
-        ax.set_title(f"T = {T}", loc="left", fontsize="medium")
-        ax.grid(True, alpha=0.3)
-    axes[0][0].set_ylabel("loss on the answers")
-    _legend_outside(axes[0][-1])
-    if opts.title:
-        fig.suptitle("MQAR training loss", x=0.0, ha="left")
-    return fig
+
+    ok = df[(df.status == "ok") & df.losses.notna()].drop_duplicates(["method", "T"])
+    return _per_length(ok, opts, draw, xlabel="training step", ylabel="loss on the answers",
+                       title="MQAR training loss")
 
 
 def quality_figures(frames, opts) -> dict:
