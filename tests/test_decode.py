@@ -72,6 +72,22 @@ def test_race_generate_equals_race_attention(normalize, path, monkeypatch):
         assert rel(race_generate(q, k, v, planes, prompt_len=prompt, **kw), want) < 1e-10
 
 
+@pytest.mark.parametrize("normalize", ["paper", "bucket"])
+def test_prefill_state_from_the_core_equals_the_hashed_sum(normalize):
+    """Without autograd the prefill takes its state from the causal core's own pass; with it, the prompt's keys
+    are hashed again. Both give the same outputs and state, and the second stays differentiable."""
+    from racebench.methods.race.generate import race_prefill
+
+    q, k, v = qkv(2, 3, 150, 32, dtype=torch.float64)
+    planes = make_planes(3, 3, 32, seed=int(torch.randint(1000, ()))).double()
+    kw = dict(beta=4.0, normalize=normalize)
+    with torch.no_grad():
+        o1, s1 = race_prefill(q, k, v, planes, **kw)
+    o2, s2 = race_prefill(q, k, v, planes, **kw)
+    assert o2.requires_grad and not o1.requires_grad
+    assert rel(o1, o2.detach()) < 1e-12 and rel(s1.A, s2.A) < 1e-12 and rel(s1.KV, s2.KV) < 1e-12
+
+
 def test_race_generate_refuses_bad_prompt_lengths():
     q, k, v = qkv(1, 1, 10, 16)
     planes = make_planes(2, 2, 16)

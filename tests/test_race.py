@@ -46,6 +46,17 @@ def test_lean_matches_spec_float64(check_close, causal, normalize, T):
                 lambda q, k, v: race_naive(q, k, v, planes, **kw), q, k, v, tol=1e-10)
 
 
+@pytest.mark.parametrize("normalize", NORMS)
+def test_causal_core_groups_heads(check_close, normalize):
+    """Short sequences run several heads per call (lean.head_groups): 7 heads of 30 tokens in groups of 3,
+    3 and 1 under a block of 100, one padded chunk each."""
+    q, k, v = qkv(7, 1, 30, 24)
+    planes = make_planes(2, 3, 24, seed=int(torch.randint(1000, ()))).double()
+    kw = dict(beta=2.0, causal=True, normalize=normalize)
+    check_close(lambda q, k, v: race_lean(q, k, v, planes, block=100, chunk=16, **kw),
+                lambda q, k, v: race_naive(q, k, v, planes, **kw), q, k, v, tol=1e-10)
+
+
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
 @pytest.mark.parametrize("normalize", NORMS)
 def test_spec_matches_loop_over_t(causal, normalize):

@@ -33,13 +33,7 @@ def race_attention(q, k, v, planes, *, beta, causal=False, normalize="paper", ep
     non-causal CPU inputs its kernels take where they build, else torch.
     """
     _validate(q, k, v, planes, beta, normalize)
-    if impl not in IMPLS:
-        raise UsageError(f"impl must be one of {', '.join(IMPLS)}, not {impl!r}")
-    if impl == "auto":  # picks only what can run these inputs
-        L, P, D = planes.shape
-        impl, _ = implementations.choose(q.device.type, dtype_name(q.dtype), causal, D, L, P)
-    elif impl == "cpp" and (why := native.unsupported_reason(q, planes)) is not None:
-        raise UsageError(f"impl='cpp': {why}")
+    impl = resolve_impl(q, planes, causal, impl)
     if impl == "triton":
         if not HAS_TRITON:
             raise UsageError("impl='triton' needs the triton package (pip install triton)")
@@ -51,6 +45,18 @@ def race_attention(q, k, v, planes, *, beta, causal=False, normalize="paper", ep
     if impl == "cpp":
         return race_lean(q, k, v, planes, beta=beta, causal=causal, normalize=normalize, eps=eps, ops=native)
     return race_lean(q, k, v, planes, beta=beta, causal=causal, normalize=normalize, eps=eps)
+
+
+def resolve_impl(q, planes, causal, impl):
+    """The implementation that impl ("auto" or a name) runs for these inputs; UsageError for an unknown name."""
+    if impl not in IMPLS:
+        raise UsageError(f"impl must be one of {', '.join(IMPLS)}, not {impl!r}")
+    if impl == "auto":  # picks only what can run these inputs
+        L, P, D = planes.shape
+        impl, _ = implementations.choose(q.device.type, dtype_name(q.dtype), causal, D, L, P)
+    elif impl == "cpp" and (why := native.unsupported_reason(q, planes)) is not None:
+        raise UsageError(f"impl='cpp': {why}")
+    return impl
 
 
 def _validate(q, k, v, planes, beta, normalize):

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 
 import torch
 
-from racebench.methods.race.functional import _validate, race_attention
+from racebench.methods.race.functional import _validate, race_attention, resolve_impl
 from racebench.methods.race.hashing import soft_hash
+from racebench.methods.race.lean import race_lean_prefill
 
 _PREFILL_BLOCK = 2**14  # tokens per block when summing the prompt's state: no [T, S] tensor over the whole prompt
 
@@ -30,7 +31,17 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 
 
 def race_prefill(q, k, v, planes, *, beta, normalize="paper", eps=1e-6, impl="auto"):
-    """(the causal outputs over the prompt [B, H, T, D], the state after it)."""
+    """(the causal outputs over the prompt [B, H, T, D], the state after it). The PyTorch core returns the state
+    from its own pass; after the Triton kernels (or where the outputs need autograd) the prompt's keys are hashed
+    once more to sum it."""
+    _validate(q, k, v, planes, beta, normalize)
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    if not needs_grad and resolve_impl(q, planes, True, impl) != "triton":
+        out, A, KV = race_lean_prefill(q, k, v, planes, beta=beta, normalize=normalize, eps=eps)
+        state = RaceState(A, KV)
+        if native_step(state, planes):
+            state.W = planes.to(k.device, A.dtype).reshape(-1, q.shape[-1]).contiguous()
+        return out, state
     out = race_attention(q, k, v, planes, beta=beta, causal=True, normalize=normalize, eps=eps, impl=impl)
     acc = _acc(q.dtype)
     B, H, T, D = k.shape

@@ -39,6 +39,19 @@ def race_lean(q, k, v, planes, *, beta, causal=False, normalize="paper", eps=1e-
     return _RaceFunction.apply(q, k, v, planes, float(beta), causal, normalize, eps, block, chunk, comm, ops)
 
 
+def race_lean_prefill(q, k, v, planes, *, beta, normalize="paper", eps=1e-6):
+    """Causal RACE without autograd that also returns the state after the last token, from the same pass:
+    (o [B, H, T, D], A [B, H, S], KV [B, H, S, D])."""
+    B, H, T, D = q.shape
+    N = B * H
+    cfg = make_config(q, planes, float(beta), normalize, eps)
+    q3, k3, v3 = (x.reshape(N, T, D) for x in (q, k, v))
+    o = torch.empty_like(q3)
+    finals = [causal_forward(q3[h], k3[h], v3[h], o[h], cfg)[2] for h in head_groups(N, T, cfg.block)]
+    A, KV = (torch.cat(s) for s in zip(*finals))
+    return o.view(B, H, T, D), A.view(B, H, -1), KV.view(B, H, -1, D)
+
+
 class _RaceFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, planes, beta, causal, normalize, eps, block, chunk, comm, ops):
@@ -53,11 +66,13 @@ class _RaceFunction(torch.autograd.Function):
             return tuple(torch.stack(s) for s in zip(*pairs))
 
         if causal:
-            A_in = KV_in = [None] * N  # the state entering this sequence: zero unless it continues a shard
+            A_in = KV_in = None  # the state entering this sequence: zero unless it continues a shard
             if comm is not None:
                 totals = stacked(key_state(k3[n], v3[n], cfg) for n in range(N))
                 A_in, KV_in = (comm.prefix_suffix(t)[0] for t in totals)
-            A, KV = stacked(causal_forward(q3[n], k3[n], v3[n], o[n], cfg, A_in[n], KV_in[n]) for n in range(N))
+            parts = [causal_forward(q3[h], k3[h], v3[h], o[h], cfg, *((A_in[h], KV_in[h]) if comm else ()))
+                     for h in head_groups(N, T, cfg.block)]
+            A, KV = (torch.cat(s) for s in zip(*(p[:2] for p in parts)))
         else:
             A, KV = stacked(ops.key_state(k3[n], v3[n], cfg) for n in range(N))
             if comm is not None:
@@ -76,10 +91,10 @@ class _RaceFunction(torch.autograd.Function):
         q3, k3, v3, do3 = (x.reshape(N, T, D) for x in (q, k, v, do))
         dq, dk, dv = (torch.empty_like(q3) for _ in range(3))
         if ctx.causal:
-            grads = [causal_backward(q3[n], k3[n], v3[n], do3[n], A[n], KV[n], dq[n], dk[n], dv[n], cfg)
-                     for n in range(N)]
+            grads = [causal_backward(q3[h], k3[h], v3[h], do3[h], A[h], KV[h], dq[h], dk[h], dv[h], cfg)
+                     for h in head_groups(N, T, cfg.block)]
             if comm is not None:  # every key here also feeds the state entering each later shard
-                dA_in, dKV_in = (torch.stack(s) for s in zip(*grads))
+                dA_in, dKV_in = (torch.cat(s) for s in zip(*grads))
                 dA_later, dKV_later = (comm.prefix_suffix(t)[1] for t in (dA_in, dKV_in))
                 for n in range(N):
                     key_backward(k3[n], v3[n], dA_later[n], dKV_later[n], dk[n], dv[n], cfg, accumulate=True)
@@ -217,13 +232,35 @@ def key_backward(k, v, dA, dKV, dk, dv, cfg, accumulate=False):
 
 
 # ----------------------------------------------------------------------------- causal
+# The causal functions take a group of G heads at once ([G, T, D]): the runner groups heads so that G * T
+# stays within a block (head_groups), so short sequences cost a few large operations instead of a few small
+# ones per head, and long ones (G = 1) keep the memory floor.
+
+
+def head_groups(N, T, block):
+    """Slices of N heads, each of at most max(1, block // T) heads."""
+    g = max(1, block // max(T, 1))
+    return [slice(a, min(a + g, N)) for a in range(0, N, g)]
 
 
 def _chunked(x, C):
-    """[b, F] -> [n, C, F], zero-padded to whole chunks (zero features contribute nothing)."""
-    b, F_ = x.shape
+    """[G, b, F] -> [G, n, C, F], zero-padded to whole chunks (zero features contribute nothing)."""
+    G, b, F_ = x.shape
     n = -(-b // C)
-    return F.pad(x, (0, 0, 0, n * C - b)).view(n, C, F_)
+    return F.pad(x, (0, 0, 0, n * C - b)).view(G, n, C, F_)
+
+
+def _features(cfg, x):
+    """tanh projections u [LP, G*b] and features [G, b, S] of a group's rows x [G, b, D]."""
+    G, b, D = x.shape
+    u = cfg.hash.tanh_proj(x.reshape(G * b, D))
+    return u, cfg.hash.probs(u).view(-1, G, b).permute(1, 2, 0)
+
+
+def _feature_major(df, b):
+    """[G, n, C, S] gradients of features -> [S, G*b], the layout of the hash's vjp."""
+    G, S = df.shape[0], df.shape[-1]
+    return df.flatten(1, 2)[:, :b].permute(2, 0, 1).reshape(S, G * b)
 
 
 def exclusive_cumsum(x, dim):
@@ -237,25 +274,25 @@ def reverse_exclusive_cumsum(x, dim):
 
 
 def _causal_block(q, k, v, A_in, KV_in, cfg):
-    """Forward math of one block of one head (recomputed by the backward). A_in [S], KV_in [S, D]: the sums
-    over all earlier blocks."""
+    """Forward math of one block of a group of heads (recomputed by the backward): q, k, v [G, b, D];
+    A_in [G, S], KV_in [G, S, D]: the sums over all earlier blocks."""
     C = cfg.chunk
-    uq, uk = cfg.hash.tanh_proj(q), cfg.hash.tanh_proj(k)
-    fq, fk = (_chunked(cfg.hash.probs(u).t(), C) for u in (uq, uk))  # [n, C, S]
+    (uq, fq), (uk, fk) = _features(cfg, q), _features(cfg, k)
+    fq, fk = _chunked(fq, C), _chunked(fk, C)  # [G, n, C, S]
     vv = _chunked(v.to(cfg.acc), C)
     mask = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()  # j <= t inside a chunk
-    chunk_kv = fk.transpose(-1, -2) @ vv  # [n, S, D]
-    KV0 = KV_in + exclusive_cumsum(chunk_kv, 0)  # state entering each chunk
+    chunk_kv = fk.transpose(-1, -2) @ vv  # [G, n, S, D]
+    KV0 = KV_in.unsqueeze(1) + exclusive_cumsum(chunk_kv, 1)  # state entering each chunk
     r = SimpleNamespace(uq=uq, uk=uk, fq=fq, fk=fk, vv=vv, mask=mask, KV0=KV0,
-                        A_out=A_in + fk.sum((0, 1)), KV_out=KV_in + chunk_kv.sum(0))
+                        A_out=A_in + fk.sum((1, 2)), KV_out=KV_in + chunk_kv.sum(1))
     if cfg.normalize == "paper":
-        r.A0 = A_in + exclusive_cumsum(fk.sum(1), 0)  # [n, S]
-        r.scores = (fq @ fk.transpose(-1, -2)) * mask  # [n, C, C]
-        r.den = (fq * r.A0.unsqueeze(1)).sum(-1, keepdim=True) + r.scores.sum(-1, keepdim=True) + cfg.eps
+        r.A0 = A_in.unsqueeze(1) + exclusive_cumsum(fk.sum(2), 1)  # [G, n, S]
+        r.scores = (fq @ fk.transpose(-1, -2)) * mask  # [G, n, C, C]
+        r.den = (fq * r.A0.unsqueeze(2)).sum(-1, keepdim=True) + r.scores.sum(-1, keepdim=True) + cfg.eps
         r.o = (fq @ KV0 + r.scores @ vv) / r.den
     else:
-        n, _, S = fk.shape
-        r.a_eps = (A_in + fk.view(n * C, S).cumsum(0)).view_as(fk) + cfg.eps  # A_t + eps
+        G, n, _, S = fk.shape
+        r.a_eps = (A_in.unsqueeze(1) + fk.view(G, n * C, S).cumsum(1)).view_as(fk) + cfg.eps  # A_t + eps
         r.qf = fq / r.a_eps
         r.scores = (r.qf @ fk.transpose(-1, -2)) * mask
         r.o = r.qf @ KV0 + r.scores @ vv
@@ -263,45 +300,47 @@ def _causal_block(q, k, v, A_in, KV_in, cfg):
 
 
 def causal_forward(q, k, v, o, cfg, A_in=None, KV_in=None):
-    """One head, causal; (A_in, KV_in) is the state entering the sequence (zero unless it continues one).
-    Returns the state entering each block, for the backward."""
-    T, D = q.shape
+    """A group of heads [G, T, D], causal; (A_in [G, S], KV_in [G, S, D]) is the state entering the sequence
+    (zero unless it continues one). Returns the state entering each block ([G, blocks, S], [G, blocks, S, D])
+    for the backward, and the state after the last token."""
+    G, T, D = q.shape
     S = cfg.hash.L * cfg.hash.R
     blocks = _blocks(T, cfg.block)
-    As = q.new_zeros(len(blocks), S, dtype=cfg.acc)
-    KVs = q.new_zeros(len(blocks), S, D, dtype=cfg.acc)
+    As = q.new_zeros(G, len(blocks), S, dtype=cfg.acc)
+    KVs = q.new_zeros(G, len(blocks), S, D, dtype=cfg.acc)
     if A_in is not None:
-        As[0], KVs[0] = A_in, KV_in
+        As[:, 0], KVs[:, 0] = A_in, KV_in
     for i, (s, e) in enumerate(blocks):
-        r = _causal_block(q[s:e], k[s:e], v[s:e], As[i], KVs[i], cfg)
-        o[s:e] = r.o.flatten(0, 1)[: e - s]
+        r = _causal_block(q[:, s:e], k[:, s:e], v[:, s:e], As[:, i], KVs[:, i], cfg)
+        o[:, s:e] = r.o.flatten(1, 2)[:, : e - s]
         if i + 1 < len(blocks):
-            As[i + 1], KVs[i + 1] = r.A_out, r.KV_out
-    return As, KVs
+            As[:, i + 1], KVs[:, i + 1] = r.A_out, r.KV_out
+    return As, KVs, (r.A_out, r.KV_out)
 
 
 def causal_backward(q, k, v, do, As, KVs, dq, dk, dv, cfg):
-    """dq, dk, dv of one head; returns the gradient of the state that entered the sequence (dA_in, dKV_in)."""
-    T, D = q.shape
-    dKV_later = torch.zeros_like(KVs[0])  # gradient of the state from all later blocks
-    dA_later = torch.zeros_like(As[0])
+    """dq, dk, dv of a group of heads; returns the gradient of the state that entered the sequence
+    (dA_in [G, S], dKV_in [G, S, D])."""
+    G, T, D = q.shape
+    dKV_later = torch.zeros_like(KVs[:, 0])  # gradient of the state from all later blocks
+    dA_later = torch.zeros_like(As[:, 0])
     for i, (s, e) in reversed(list(enumerate(_blocks(T, cfg.block)))):
         b = e - s
-        r = _causal_block(q[s:e], k[s:e], v[s:e], As[i], KVs[i], cfg)
-        g = _chunked(do[s:e].to(cfg.acc), cfg.chunk)
+        r = _causal_block(q[:, s:e], k[:, s:e], v[:, s:e], As[:, i], KVs[:, i], cfg)
+        g = _chunked(do[:, s:e].to(cfg.acc), cfg.chunk)
         fq, fk, vv = r.fq, r.fk, r.vv
         if cfg.normalize == "paper":
             dnum = g / r.den
-            dden = -(dnum * r.o).sum(-1, keepdim=True)  # [n, C, 1]
+            dden = -(dnum * r.o).sum(-1, keepdim=True)  # [G, n, C, 1]
             dS = (dnum @ vv.transpose(-1, -2) + dden) * r.mask
-            dfq = dnum @ r.KV0.transpose(-1, -2) + dden * r.A0.unsqueeze(1) + dS @ fk
+            dfq = dnum @ r.KV0.transpose(-1, -2) + dden * r.A0.unsqueeze(2) + dS @ fk
             dfk = dS.transpose(-1, -2) @ fq
             dvv = r.scores.transpose(-1, -2) @ dnum
-            dKV0 = fq.transpose(-1, -2) @ dnum  # [n, S, D]: gradient of each chunk's entering state
-            dA0 = (fq * dden).sum(1)  # [n, S]
+            dKV0 = fq.transpose(-1, -2) @ dnum  # [G, n, S, D]: gradient of each chunk's entering state
+            dA0 = (fq * dden).sum(2)  # [G, n, S]
             # A key in chunk c feeds the entering state of every later chunk and block.
-            dfk += (reverse_exclusive_cumsum(dA0, 0) + dA_later).unsqueeze(1)
-            dA_later = dA_later + dA0.sum(0)
+            dfk += (reverse_exclusive_cumsum(dA0, 1) + dA_later.unsqueeze(1)).unsqueeze(2)
+            dA_later = dA_later + dA0.sum(1)
         else:
             dS = (g @ vv.transpose(-1, -2)) * r.mask
             dqf = g @ r.KV0.transpose(-1, -2) + dS @ fk
@@ -309,15 +348,16 @@ def causal_backward(q, k, v, do, As, KVs, dq, dk, dv, cfg):
             dvv = r.scores.transpose(-1, -2) @ g
             dKV0 = r.qf.transpose(-1, -2) @ g
             dfq = dqf / r.a_eps
-            dA = (-(dqf * r.qf) / r.a_eps).flatten(0, 1)  # [n*C, S]: gradient of A_t
+            dA = (-(dqf * r.qf) / r.a_eps).flatten(1, 2)  # [G, n*C, S]: gradient of A_t
             # A_t sums the keys j <= t, so key j collects the gradient of every A_t with t >= j.
-            dfk += (dA.flip(0).cumsum(0).flip(0) + dA_later).view_as(fk)
-            dA_later = dA_later + dA.sum(0)
-        later_kv = reverse_exclusive_cumsum(dKV0, 0) + dKV_later  # [n, S, D]
+            dfk += (dA.flip(1).cumsum(1).flip(1) + dA_later.unsqueeze(1)).view_as(fk)
+            dA_later = dA_later + dA.sum(1)
+        later_kv = reverse_exclusive_cumsum(dKV0, 1) + dKV_later.unsqueeze(1)  # [G, n, S, D]
         dfk += vv @ later_kv.transpose(-1, -2)
         dvv += fk @ later_kv
-        dKV_later = dKV_later + dKV0.sum(0)
-        cfg.hash.vjp(r.uq, dfq.flatten(0, 1)[:b].t(), dq[s:e])
-        cfg.hash.vjp(r.uk, dfk.flatten(0, 1)[:b].t(), dk[s:e])
-        dv[s:e] = dvv.flatten(0, 1)[:b]
+        dKV_later = dKV_later + dKV0.sum(1)
+        # One block per group when G > 1 (head_groups), so these row views cover whole heads and are views.
+        cfg.hash.vjp(r.uq, _feature_major(dfq, b), dq[:, s:e].view(G * b, D))
+        cfg.hash.vjp(r.uk, _feature_major(dfk, b), dk[:, s:e].view(G * b, D))
+        dv[:, s:e] = dvv.flatten(1, 2)[:, :b]
     return dA_later, dKV_later
