@@ -186,11 +186,12 @@ def _report_input(run: Path | None, at: str | None):
 
 
 def report(run: Path | None = None, *, at: str | None = None):
-    """(run.json, the per-method summary table) of a run (default: the latest), at the lengths `at`."""
-    from racebench.views.report import summary_frame
+    """(run.json, the per-method summary table at the lengths `at`, race's fastest against the fastest softmax at
+    each length, a line per device on their crossover) of a run (default: the latest)."""
+    from racebench.views.report import summary_frame, versus_frame
 
     meta, df, lengths = _report_input(run, at)
-    return meta, summary_frame(df, lengths)
+    return meta, summary_frame(df, lengths), *versus_frame(df)
 
 
 def report_markdown(run: Path | None = None, *, at: str | None = None) -> str:

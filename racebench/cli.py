@@ -128,6 +128,10 @@ def sweep(
                                               "sequence split between them (methods with a sequence-parallel "
                                               "form; each process gets --memory-budget). (default: 1)")] = None,
     oversubscribe: Annotated[bool, typer.Option(help="Let --nproc exceed the cores racebench may use.")] = False,
+    cuda_graphs: Annotated[bool | None, typer.Option("--cuda-graphs/--eager", help="CUDA: capture each point's "
+                                                     "pass in a CUDA graph once and time its replays (results "
+                                                     "column cuda_graphs; compare never matches it with eager "
+                                                     "points). (default: eager)")] = None,
     plugin: Plugins = None,
     **knobs,
 ) -> None:
@@ -139,7 +143,8 @@ def sweep(
     options = dict(preset=preset, methods=methods, lengths=lengths, min_len=min_len, max_len=max_len, growth=growth,
                    batch=batch, heads=heads, head_dim=head_dim, dtype=dtype, device=device, causal=causal, mode=mode,
                    warmup=warmup, repeats=repeats, rounds=rounds, time_budget=time_budget, memory_budget=memory_budget,
-                   refine=refine, seed=seed, knobs=knobs, nproc=nproc, plugins=plugin, decode_tokens=decode_tokens)
+                   refine=refine, seed=seed, knobs=knobs, nproc=nproc, plugins=plugin, decode_tokens=decode_tokens,
+                   cuda_graphs=cuda_graphs)
     spec = api.resumed_spec(out, options) if resume else api.sweep_spec(**options, oversubscribe=oversubscribe)
     out_dir = out or api.new_run_dir(spec)
     with interruptible(out_dir, f"racebench sweep --resume --out {out_dir}"), sweep_progress(spec, console) as progress:
@@ -263,7 +268,7 @@ def quality(
     lengths: Annotated[str | None, typer.Option(help="Sequence lengths. (default: 128,256)")] = None,
     pairs: Annotated[str | None, typer.Option(help="Key-value pair counts, trained on in turn and scored; at most "
                                               "T / 4 and 31 (the vocabulary's keys). (default: 4,8,16)")] = None,
-    steps: Annotated[int | None, typer.Option(help="Training steps of 32 sequences. (default: 400)")] = None,
+    steps: Annotated[int | None, typer.Option(help="Training steps of 32 sequences. (default: 350)")] = None,
     d_model: Annotated[int | None, typer.Option(help="Model width. (default: 64)")] = None,
     knob: Annotated[list[str] | None, typer.Option(help="A method knob's value, e.g. race_L=8; repeatable.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the model, the data and the methods' random "
@@ -337,8 +342,14 @@ def report(
     if markdown:
         write_text(str(markdown), api.report_markdown(run, at=at))
         return
-    meta, summary = api.report(run, at=at)
+    meta, summary, versus, crossings = api.report(run, at=at)
     show(frame_table(summary, f"racebench run {meta['run_id']}: {meta.get('command', '')}"))
+    if not versus.empty:
+        from racebench.views.report import VERSUS_TITLE
+
+        show(frame_table(versus, VERSUS_TITLE))
+        for line in crossings:
+            console.print(line)
     show(environment_table(meta["environment"]))
 
 

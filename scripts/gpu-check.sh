@@ -32,6 +32,8 @@ DECODE_MAX_LEN=${DECODE_MAX_LEN:-2^20}
 # Compiled kernels shared by every stage and every point's process, in a directory sure to be writable.
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/racebench-triton-cache}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+# Packages the machine lacks, shipped as a folder (pip install --no-deps --target .gpu-deps fla-core einops).
+[ -d .gpu-deps ] && export PYTHONPATH=$PWD/.gpu-deps:$PYTHONPATH
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 START=$SECONDS
@@ -49,6 +51,9 @@ stage() {  # stage NAME LIMIT_S COMMAND...: the command's output goes to $OUT/NA
     echo "   exit $rc after $((SECONDS - t0)) s"
     tail -n 4 "$OUT/$name.log" | sed 's/^/   /'
     pack
+}
+named() {  # named NAME: whether STAGES names it (the stages that run only when asked for)
+    [[ " ${STAGES:-} " == *" $1 "* ]]
 }
 pack() {  # everything so far into $PACK, replaced whole (a run cut off by its caller keeps the last stage's)
     [ -n "${PACK:-}" ] || return 0
@@ -99,8 +104,43 @@ stage targets 10 "$PY" benchmarks/gpu_targets.py "$OUT/paper-gpu-race" "$OUT/pap
 # The CI regression gate's baseline for this GPU model (the ci-gpu preset: each point in 5 processes): minutes of its
 # own, so only when named, STAGES=baseline; commit $OUT/baseline as results/baselines/<model> (`racebench baseline
 # --where` on that machine names it).
-if [[ " ${STAGES:-} " == *" baseline "* ]]; then
+if named baseline; then
     stage baseline 300 "$PY" -m racebench baseline --device "$DEVICE" --out "$OUT/baseline"
+fi
+# race against every softmax kernel that runs here and fla's linear attention, its OOM threshold when causal, the
+# CUDA-graph protocol and a profile of race's pass at 2^12 (docs/gpu-results.md, "Peers and fixed cost"); minutes
+# of their own, so only when named:
+#   STAGES="ceilings smoke tune peers peers-causal race-causal-oom graphs profile peer-targets" scripts/gpu-check.sh
+SOFTMAX_PEERS=flash,flash3,sdpa-cudnn,sdpa-efficient  # those not installed are recorded unsupported, with the reason
+if named peers; then
+    stage peers 100 "${SWEEP[@]}" --methods "race,$SOFTMAX_PEERS" --lengths 2^12,2^14,2^16,2^18,2^20,2^22 \
+        --time-budget 10s --out "$OUT/peers"
+fi
+if named peers-causal; then
+    stage peers-causal 120 "${SWEEP[@]}" --causal --methods "race,$SOFTMAX_PEERS,linear,linear-fla" --min-len 2^10 \
+        --max-len 2^20 --growth 2 --time-budget 10s --out "$OUT/peers-causal"
+    stage plots-peers 15 "$PY" -m racebench plot "$OUT/peers-causal" --out "$OUT/plots/peers-causal"
+    stage report-peers-causal 10 "$PY" -m racebench report "$OUT/peers-causal" --markdown "$OUT/report-peers-causal.md"
+fi
+if named race-causal-oom; then
+    stage race-causal-oom 90 "${SWEEP[@]}" --causal --methods race --min-len 2^20 --growth 4 --max-len "$MAX_LEN" \
+        --time-budget 30s --memory-budget 100% --refine 0.05 --out "$OUT/race-causal-oom"
+fi
+if named graphs; then
+    stage graphs 60 "${SWEEP[@]}" --cuda-graphs --methods "race,$SOFTMAX_PEERS,linear" --lengths 2^12,2^14,2^16 \
+        --time-budget 10s --out "$OUT/graphs"
+fi
+if named profile; then  # race's pass at 2^12: eager, causal, replayed from a CUDA graph
+    STAGES="$STAGES profile-causal profile-graphs"
+    stage profile 20 "$PY" benchmarks/profile_pass.py --method race -T 2^12 --json "$OUT/profile.json"
+    stage profile-causal 20 "$PY" benchmarks/profile_pass.py --method race -T 2^12 --causal \
+        --json "$OUT/profile-causal.json"
+    stage profile-graphs 20 "$PY" benchmarks/profile_pass.py --method race -T 2^12 --graphs \
+        --json "$OUT/profile-graphs.json"
+fi
+if named peer-targets; then
+    stage peer-targets 10 "$PY" benchmarks/peer_targets.py "$OUT/peers" "$OUT/peers-causal" "$OUT/race-causal-oom" \
+        --ceilings "$OUT/ceilings.json"
 fi
 # The engine's CUDA paths (clocks after the device, the budget, CUDA OOM, the SDPA backends): a few points.
 stage tests-engine 30 "$PY" -m pytest -q -p no:benchmark tests/test_cuda_engine.py
@@ -110,4 +150,5 @@ stage tests-engine 30 "$PY" -m pytest -q -p no:benchmark tests/test_cuda_engine.
 stage tests 300 "$PY" -m pytest -q -p no:benchmark --durations=15 "${XDIST[@]}" \
     tests/test_methods.py::test_method_on_cuda_matches_float64_reference tests/test_race_triton.py
 [ -f "$OUT/targets.log" ] && cat "$OUT/targets.log"
+[ -f "$OUT/peer-targets.log" ] && cat "$OUT/peer-targets.log"
 echo "== done in $((SECONDS - START)) s; everything is under $OUT"

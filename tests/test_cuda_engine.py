@@ -92,3 +92,18 @@ def test_cuda_protocol_loss_reads_bf16_output_without_an_fp32_copy():
     torch.cuda.synchronize()
     assert torch.cuda.max_memory_allocated() - before < 2**20
     assert abs(loss.item() - out.double().sum().item()) <= 1e-5 * out.double().sum().item()
+
+
+@pytest.mark.parametrize("method", ["race", "flash", "linear"])
+def test_cuda_graph_protocol_replays_the_pass(method):
+    """--cuda-graphs: the pass captured once and timed as replays; the replay's output agrees with the eager pass
+    (the worker checks it and records an error otherwise), the row says cuda_graphs, and a replay is no slower than
+    an eager pass of the same point by more than the noise (it drops the host's launch work)."""
+    T = 2**12
+    graphed = measure_point(spec(methods=method, lengths=str(T), cuda_graphs=True, repeats=10), method, T)
+    eager = measure_point(spec(methods=method, lengths=str(T), repeats=10), method, T)
+    assert graphed["status"] == "ok", graphed.get("error")
+    assert graphed["cuda_graphs"] is True and eager["cuda_graphs"] is False
+    tensor = 4 * T * 128 * 2
+    assert graphed["time_ms_min"] * 1e-3 >= 4 * tensor / BYTES_PER_S_BOUND  # the replay waited for the device
+    assert graphed["time_ms"] <= 1.5 * eager["time_ms"]

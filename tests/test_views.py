@@ -280,7 +280,7 @@ def test_context_panel_says_why_each_method_stopped_and_ends_near_the_data(run_d
 def test_headline_figure_marks_the_crossover(tmp_path):
     import pandas as pd
 
-    from racebench.views.plots import crossover
+    from racebench.results.summary import crossover
 
     lengths = [256, 512, 1024, 2048, 4096]
     subject = pd.DataFrame({"T": lengths, "time_ms": [T / 100 for T in lengths]})

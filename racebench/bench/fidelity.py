@@ -145,8 +145,10 @@ def target_of(method: str, cfg: BuildConfig):
     return None if m.estimates is None else m.estimates(cfg)
 
 
-def draw_errors(spec: FidelitySpec, method: str, knobs: dict, T: int, q, k, v, refs: References, seed: int) -> dict:
-    """One draw's errors of one method and setting against the references of these inputs."""
+def draw_errors(spec: FidelitySpec, method: str, knobs: dict, T: int, q, k, v, refs: References,
+                seed: int) -> tuple[dict, tuple | None]:
+    """One draw's errors of one method and setting against the references of these inputs, and the method's target
+    (target_of) or None."""
     import torch
 
     cfg = spec.config(method, T, knobs, seed=seed)
@@ -160,7 +162,7 @@ def draw_errors(spec: FidelitySpec, method: str, knobs: dict, T: int, q, k, v, r
             out["target"], out["err_target"] = target[0], relative_error(o, refs.target(*target))
         if "weights" in refs:
             out["kl_softmax"] = kl_rows(refs["weights"], attention_weights(fn, q, k))
-    return out
+    return out, target
 
 
 class References(dict):

@@ -17,7 +17,6 @@ from racebench.bench.fidelity import (
     make_inputs,
     relative_error,
     summarize,
-    target_of,
 )
 from racebench.methods.registry import get_method
 from racebench.results.store import RunStore, writing
@@ -100,14 +99,14 @@ def _one_block(spec: FidelitySpec, store: RunStore, done: set, times: dict, T: i
                 continue
             report(f"{m} {_describe(s)} T={T} {kind} draw {draw + 1}/{spec.draws}", None)
             try:
-                results[key].append(draw_errors(spec, m, s, T, q, k, v, refs, seed))
+                errors, target = draw_errors(spec, m, s, T, q, k, v, refs, seed)
+                results[key].append(errors)
             except Exception as exc:  # unsupported, or a failure: a status, never a crash of the run
                 from racebench.errors import UnavailableError, UnsupportedError
 
                 status = "unsupported" if isinstance(exc, (UnsupportedError, UnavailableError)) else "error"
                 failures[key] = (status, f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
                 continue
-            target = target_of(m, spec.config(m, T, s, seed=seed))
             floors[key].append(dict(floor_softmax=floor_softmax, floor_target=None if target is None else
                                     relative_error(refs["uniform"], refs.target(*target))))
         del q, k, v, refs

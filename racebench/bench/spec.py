@@ -77,6 +77,7 @@ class SweepSpec:
     preset: str = "default"
     nproc: int = 1  # ranks of a sequence-parallel point, each with its own memory budget
     decode_tokens: int = 64  # --mode decode: tokens decoded one at a time after a prompt of T
+    cuda_graphs: bool = False  # each pass replayed from a CUDA graph captured once (bench/graphs.py)
     plugins: tuple[str, ...] = ()  # files of users' methods, loaded by every process of the sweep
 
     @property
@@ -232,6 +233,17 @@ def validate_knobs(knobs: dict[str, Any], methods: tuple[str, ...]) -> dict[str,
     return out
 
 
+def graphs_refusal(spec: SweepSpec) -> str | None:
+    """Why a sweep cannot replay its passes from CUDA graphs, or None."""
+    if spec.device != "cuda":
+        return "replays passes on a GPU; this sweep runs on the CPU"
+    if spec.mode not in ("fwd", "fwd+bwd"):
+        return f"captures fwd or fwd+bwd passes, not --mode {spec.mode}"
+    if spec.nproc > 1:
+        return "runs one process per point, not --nproc"
+    return None
+
+
 def build_spec(*, preset: str | None = None, methods: str | None = None, lengths: str | None = None,
                min_len: str | None = None, max_len: str | None = None, growth: float | None = None,
                batch: int | None = None, heads: int | None = None, head_dim: int | None = None,
@@ -240,7 +252,8 @@ def build_spec(*, preset: str | None = None, methods: str | None = None, lengths
                rounds: int | None = None, time_budget: str | None = None, memory_budget: str | None = None,
                refine: float | None = None, seed: int | None = None, knobs: dict[str, Any] | None = None,
                nproc: int | None = None, plugins: list[str] | tuple[str, ...] | None = None,
-               oversubscribe: bool = False, decode_tokens: int | None = None) -> SweepSpec:
+               oversubscribe: bool = False, decode_tokens: int | None = None,
+               cuda_graphs: bool | None = None) -> SweepSpec:
     """Options as the CLI gives them (None = not given) -> a validated SweepSpec. `oversubscribe` lets --nproc
     exceed the usable cores."""
     given = {k: v for k, v in locals().items()
@@ -290,6 +303,7 @@ def build_spec(*, preset: str | None = None, methods: str | None = None, lengths
         refine=float(refine_prec) if refine_prec is not None else None, seed=int(opts.get("seed", 0)),
         knobs=knobs, preset=name,
         nproc=_positive_int("nproc", opts.get("nproc", 1)), plugins=plugin_paths,
+        cuda_graphs=bool(opts.get("cuda_graphs", False)),
     )
     if spec.nproc > usable_cores() and not oversubscribe:
         raise UsageError(f"--nproc {spec.nproc}: racebench may use {usable_cores()} cores here, and more processes "
@@ -300,6 +314,8 @@ def build_spec(*, preset: str | None = None, methods: str | None = None, lengths
         raise UsageError("--decode-tokens applies to --mode decode")
     if spec.nproc > 1 and spec.mode != "fwd+bwd":
         raise UsageError("--nproc measures fwd+bwd steps only")
+    if spec.cuda_graphs and (why := graphs_refusal(spec)):
+        raise UsageError(f"--cuda-graphs {why}")
     need = spec.input_bytes(-(-spec.lengths[0] // spec.nproc))  # what one rank holds
     if need > budget:
         raise UsageError(f"--memory-budget {budget} bytes cannot hold even the inputs q, k, v at "
@@ -313,7 +329,7 @@ _OPTION_FIELDS = dict(preset="preset", methods="methods", lengths="lengths", min
                       causal="causal", mode="mode", warmup="warmup", repeats="repeats", rounds="rounds",
                       time_budget="time_budget_s",
                       memory_budget="memory_budget_bytes", refine="refine", seed="seed", nproc="nproc",
-                      plugins="plugins", decode_tokens="decode_tokens")
+                      plugins="plugins", decode_tokens="decode_tokens", cuda_graphs="cuda_graphs")
 
 
 def resume_differences(stored: SweepSpec, options: dict[str, Any]) -> list[str]:

@@ -20,9 +20,10 @@ import traceback
 
 import torch
 
-from racebench.bench import memory
+from racebench.bench import graphs, memory
 from racebench.bench.spec import SweepSpec
 from racebench.bench.units import format_bytes
+from racebench.errors import UnsupportedError
 from racebench.methods.registry import DECODE_MODES, NO_BUILD_ENV, get_method
 from racebench.results.timing import timing_fields
 
@@ -70,7 +71,7 @@ def point_row(spec: SweepSpec, method: str, T: int, **fields) -> dict:
     row = dict(method=method, device=spec.device, dtype=spec.dtype, B=spec.B, H=spec.H, T=T, D=spec.D,
                causal=spec.causal, mode=spec.mode, input_bytes=spec.input_bytes(T),
                floor_bytes=spec.floor_bytes(T), repeats=0, nproc=spec.nproc,
-               decode_tokens=spec.decode_tokens if spec.mode == "decode" else None)
+               decode_tokens=spec.decode_tokens if spec.mode == "decode" else None, cuda_graphs=spec.cuda_graphs)
     row.update(get_method(method).effective_knobs(spec.build_config(T)))
     row.update(fields)
     return row
@@ -95,18 +96,26 @@ class SumLoss(torch.autograd.Function):
         return grad.to(ctx.dtype).expand(ctx.shape)
 
 
+def _pass_body(fn, q, k, v, mode):
+    """One fwd or fwd+bwd pass returning its output, untimed: what _make_pass times and a CUDA graph captures."""
+
+    def body():
+        if mode == "fwd":
+            with torch.no_grad():
+                return fn(q, k, v)
+        out = fn(q, k, v)
+        SumLoss.apply(out).backward()  # the published protocol's loss
+        return out
+
+    return body
+
+
 def _make_pass(fn, q, k, v, mode, sync):
     """A function running one pass and returning (seconds of its timed part, output)."""
+    body = _pass_body(fn, q, k, v, mode)
 
     def run():
         q.grad = k.grad = v.grad = None
-        if mode == "fwd":
-            sync()
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                out = fn(q, k, v)
-            sync()
-            return time.perf_counter() - t0, out
         if mode == "bwd":
             out = fn(q, k, v)
             loss = SumLoss.apply(out)
@@ -116,8 +125,7 @@ def _make_pass(fn, q, k, v, mode, sync):
         else:
             sync()
             t0 = time.perf_counter()
-            out = fn(q, k, v)
-            SumLoss.apply(out).backward()  # the published protocol's loss
+            out = body()
         sync()
         return time.perf_counter() - t0, out
 
@@ -135,6 +143,8 @@ def failure(exc: Exception) -> dict:
     """The status fields of a point that raised: oom when it ran out of memory, else error with the traceback."""
     if memory.is_oom(exc):
         return dict(status="oom", error=str(exc).splitlines()[0][:300])
+    if isinstance(exc, UnsupportedError):  # a property of the method (e.g. not capturable in a CUDA graph)
+        return dict(status="unsupported", error=str(exc)[:300])
     return dict(status="error", error=f"{type(exc).__name__}: {exc}".splitlines()[0][:300],
                 traceback=traceback.format_exc()[-2000:])
 
@@ -200,6 +210,7 @@ def measure(spec: SweepSpec, row: dict, T: int, build, start: float, *, seed: in
         first, out = run()  # the first warm-up pass also checks the numbers
         if agree(not finite(out, q.grad, k.grad, v.grad)):
             return row | dict(status="nonfinite", error="output or gradients hold NaN or Inf")
+        eager_sum = graphs.checksum(out) if spec.cuda_graphs else None
         del out
         warm = max(spec.warmup - 1, 1)  # at least one pass fills the allocator's cache before timing
         late, timeout = early_timeout(spec, start, first, 1 + warm + spec.repeats)
@@ -209,8 +220,14 @@ def measure(spec: SweepSpec, row: dict, T: int, build, start: float, *, seed: in
         q.grad = k.grad = v.grad = None  # peak memory: a pass of its own, before the allocator caches
         mem.reset_peak()
         sent = counter()
-        _, out = run()
+        if spec.cuda_graphs:  # the graph's memory pool counts: capture and a first replay in the memory pass
+            run, out = graphs.capture(_pass_body(fn, q, k, v, spec.mode), q, k, v, mem.sync)
+            run()
+        else:
+            _, out = run()
         peak, sent = mem.peak(), counter() - sent
+        if spec.cuda_graphs and not (finite(out, q.grad, k.grad, v.grad) and graphs.agrees(eager_sum, out)):
+            return row | dict(status="error", error="the CUDA graph's replay disagrees with the eager pass")
         del out
 
         mem.settle_for_timing()

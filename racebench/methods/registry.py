@@ -390,6 +390,12 @@ def load_plugins(paths) -> None:
 _builtins_loaded = False
 
 
+def _home(method: Method) -> str:
+    """The racebench.methods module (or package) that registered a method: where its build function lives."""
+    parts = getattr(method.build, "__module__", "").split(".")
+    return ".".join(parts[:3])
+
+
 def builtin_modules(folder: Path = Path(__file__).parent) -> list[str]:
     """The method modules and packages in racebench/methods/: a new method is one file there, nothing else."""
     found = sorted(m.name for m in pkgutil.iter_modules([str(folder)]) if m.name != "registry")
@@ -402,8 +408,15 @@ def _load_methods() -> None:
     if _builtins_loaded:
         return
     _builtins_loaded = True
-    for module in builtin_modules():  # importing a module registers its methods
+    modules = builtin_modules()
+    for module in modules:  # importing a module registers its methods
         importlib.import_module(f"racebench.methods.{module}")
+    # In the modules' order, whichever was imported first (a direct import of racebench.methods.softmax registers
+    # flash before race): presets, tables and figures list methods in this order.
+    rank = {f"racebench.methods.{m}": i for i, m in enumerate(modules)}
+    ordered = sorted(_REGISTRY.values(), key=lambda m: rank.get(_home(m), len(rank)))
+    _REGISTRY.clear()
+    _REGISTRY.update((m.name, m) for m in ordered)
 
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         try:

@@ -6,6 +6,8 @@ after 1000 steps, where without them it had by step 166."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -81,16 +83,24 @@ def save_model(model: TinyLM, path, config: dict) -> None:
     torch.save({"config": config, "state": model.state_dict()}, path)
 
 
+@functools.lru_cache(maxsize=4)
+def _saved(path: str) -> dict:
+    """A saved model file, read once per process (the fidelity spec checks it, then the run reads its inputs)."""
+    from racebench.errors import UsageError
+
+    try:
+        return torch.load(path, weights_only=True)
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise UsageError(f"--model {path}: not a saved racebench quality model ({exc})".splitlines()[0]) from None
+
+
 def model_inputs(path, H: int, D: int):
     """model_qkv(T, seed) for fidelity: the q, k, v the saved model's first attention layer computes on H fresh MQAR
     sequences (each one a head: [1, H, T, D], float64), T at most the model's length."""
     from racebench.errors import UsageError
     from racebench.quality.mqar import max_pairs, mqar
 
-    try:
-        saved = torch.load(path, weights_only=True)
-    except (OSError, RuntimeError, ValueError) as exc:
-        raise UsageError(f"--model {path}: not a saved racebench quality model ({exc})".splitlines()[0]) from None
+    saved = _saved(str(path))
     c = saved["config"]
     if c["d_model"] // c["heads"] != D:
         raise UsageError(f"--inputs model: the model's heads have D = {c['d_model'] // c['heads']}; give "

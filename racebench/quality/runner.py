@@ -15,7 +15,7 @@ from racebench.methods.registry import get_method
 
 PRESETS: dict[str, dict[str, Any]] = {
     # About ten minutes on a 2-core CPU for the four methods.
-    "default": dict(methods="flash,race,linear,performer", lengths="128,256", pairs="4,8,16", steps=400, d_model=64,
+    "default": dict(methods="flash,race,linear,performer", lengths="128,256", pairs="4,8,16", steps=350, d_model=64,
                     vocab=64, device="cpu"),
     # Longer sequences, more pairs, a wider model and more steps, for a GPU.
     "gpu": dict(methods="flash,race,linear,performer", lengths="512,1024,2048", pairs="8,16,32,64,128",
@@ -28,7 +28,7 @@ class QualitySpec:
     methods: tuple[str, ...]
     lengths: tuple[int, ...]
     pairs: tuple[int, ...]
-    steps: int = 400
+    steps: int = 350
     batch: int = 32
     lr: float = 1e-2
     d_model: int = 64
@@ -40,6 +40,13 @@ class QualitySpec:
     device: str = "cpu"
     preset: str = "default"
     plugins: tuple[str, ...] = ()
+
+    def train_config(self, T: int):
+        """The training of one model at length T: every field the spec shares with TrainConfig, by name."""
+        from racebench.quality.train import TrainConfig
+
+        shared = {f.name for f in dataclasses.fields(TrainConfig)} & {f.name for f in dataclasses.fields(self)}
+        return TrainConfig(T=T, **{name: getattr(self, name) for name in shared})
 
 
 def build_quality_spec(*, preset=None, methods=None, lengths=None, pairs=None, steps=None, d_model=None,
@@ -83,7 +90,6 @@ def run_quality(spec: QualitySpec, out: Path, *, command: str = "", progress: Pr
     """Train and score every (method, length); one row per (method, length, pair count), written as each model
     finishes (the loss curve and the accuracy every eval_every steps ride in points.jsonl)."""
     from racebench.bench.environment import collect_environment
-    from racebench.quality.train import TrainConfig
     from racebench.results.store import RunStore, writing
 
     report = progress or (lambda *args: None)
@@ -95,9 +101,7 @@ def run_quality(spec: QualitySpec, out: Path, *, command: str = "", progress: Pr
         try:
             for T in spec.lengths:
                 for method in spec.methods:
-                    cfg = TrainConfig(T=T, pairs=spec.pairs, steps=spec.steps, batch=spec.batch, lr=spec.lr,
-                                      d_model=spec.d_model, layers=spec.layers, heads=spec.heads, seed=spec.seed,
-                                      knobs=spec.knobs, device=spec.device, vocab=spec.vocab)
+                    cfg = spec.train_config(T)
                     rows = _train_rows(spec, method, cfg, lambda step, loss, m=method, t=T: report(m, t, step, loss,
                                                                                                   None), out)
                     for row in rows:

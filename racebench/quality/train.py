@@ -19,7 +19,7 @@ HELD_OUT_SEED = 10**9  # held-out sequences draw from seeds no training batch us
 class TrainConfig:
     T: int
     pairs: tuple[int, ...]  # the pair counts trained on (a batch each, in turn) and scored
-    steps: int = 400
+    steps: int = 350
     batch: int = 32
     lr: float = 1e-2
     d_model: int = 64
@@ -28,7 +28,8 @@ class TrainConfig:
     vocab: int = 64  # 31 keys, 32 values: up to 31 pairs
     seed: int = 0
     eval_every: int = 50
-    eval_n: int = 256  # held-out sequences per pair count
+    eval_n: int = 256  # held-out sequences per pair count, at the end
+    probe_n: int = 64  # the first of them, at the evaluations every eval_every steps (the learning curve)
     knobs: dict = field(default_factory=dict)
     device: str = "cpu"
 
@@ -50,20 +51,22 @@ def learning_rate_factor(step: int, steps: int) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: TinyLM, cfg: TrainConfig, sets: dict) -> dict[int, float]:
-    """Accuracy on the held-out sequences of each pair count."""
+def evaluate(model: TinyLM, cfg: TrainConfig, sets: dict, n: int | None = None) -> dict[int, float]:
+    """Accuracy on the first n (default: all eval_n) held-out sequences of each pair count, in whole batches (a
+    method may be built for the batch size: fixed projections)."""
+    n = max(cfg.batch, (n or cfg.eval_n) // cfg.batch * cfg.batch)
     model.eval()
     out = {}
     for pairs, data in sets.items():
-        correct = 0.0
-        for start in range(0, cfg.eval_n, cfg.batch):
+        correct, seen = 0.0, 0
+        for start in range(0, min(n, data.inputs.shape[0]), cfg.batch):
             chunk = slice(start, start + cfg.batch)
-            if data.inputs[chunk].shape[0] < cfg.batch:  # a method built for the batch size (fixed projections)
+            if data.inputs[chunk].shape[0] < cfg.batch:
                 break
             inputs, labels = data.inputs[chunk].to(cfg.device), data.labels[chunk].to(cfg.device)
             _, acc = loss_and_accuracy(model(inputs), labels)
-            correct += acc * cfg.batch
-        out[pairs] = correct / (cfg.eval_n // cfg.batch * cfg.batch)
+            correct, seen = correct + acc * cfg.batch, seen + cfg.batch
+        out[pairs] = correct / seen
     model.train()
     return out
 
@@ -90,8 +93,10 @@ def train(method: str, cfg: TrainConfig, *, on_step: Callable[[int, float], None
         losses.append(float(loss.detach()))
         if not math.isfinite(losses[-1]):
             break
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+        if step + 1 == cfg.steps:
             curve.append((step + 1, evaluate(model, cfg, sets)))
+        elif (step + 1) % cfg.eval_every == 0:
+            curve.append((step + 1, evaluate(model, cfg, sets, cfg.probe_n)))
         if on_step:
             on_step(step + 1, losses[-1])
     return dict(losses=losses, curve=curve, final=curve[-1][1] if curve else {}, seconds=time.perf_counter() - start,

@@ -11,7 +11,7 @@ MEASURE_COLUMNS = ("device", "dtype", "B", "H", "T", "D", "causal", "mode", "sta
                    "time_ms_max", "time_ms_iqr", "repeats", "rounds", "tokens_per_s", "peak_mem_bytes",
                    "peak_mem_over_inputs_bytes", "input_bytes", "floor_bytes", "page_faults_per_pass", "nproc",
                    "comm_bytes_per_step", "rank_peak_mem_bytes", "refine", "threads", "decode_tokens", "prefill_ms",
-                   "state_bytes", "error")
+                   "state_bytes", "cuda_graphs", "error")
 # Columns that must hold numbers (or nothing): anything else in a results file is an error naming it.
 NUMERIC_COLUMNS = ("B", "H", "T", "D", "time_ms", "time_ms_min", "time_ms_max", "time_ms_iqr", "repeats", "rounds",
                    "tokens_per_s", "peak_mem_bytes", "peak_mem_over_inputs_bytes", "input_bytes", "floor_bytes")
@@ -22,7 +22,7 @@ ROUND_COLUMN = "round_ms"
 # the rounds' medians, and a quality run's loss per step and accuracy every few steps.
 LIST_COLUMNS = (SAMPLE_COLUMN, ROUND_COLUMN, "losses", "accuracy_by_step")
 # What else must be equal for two points to be comparable (compare.py), besides the knobs.
-MATCH_COLUMNS = ("method", "device", "dtype", "B", "H", "D", "causal", "mode", "nproc", "T")
+MATCH_COLUMNS = ("method", "device", "dtype", "B", "H", "D", "causal", "mode", "nproc", "cuda_graphs", "T")
 
 
 def columns(knobs: list[str] | None = None) -> list[str]:

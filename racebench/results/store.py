@@ -232,4 +232,5 @@ def load_run(path: Path | str, *, samples: bool = False) -> tuple[dict, pd.DataF
             raise UsageError(f"{path}: column {col} holds {df[col][bad].iloc[0]!r}, not a number")
         df[col] = values
     df["nproc"] = df["nproc"].fillna(1).astype(int)  # runs before --nproc ran in one process
+    df["cuda_graphs"] = df["cuda_graphs"].map(lambda x: x is True or str(x) == "True")  # eager before --cuda-graphs
     return meta, df

@@ -60,3 +60,53 @@ def nothing_ran(df: pd.DataFrame) -> str | None:
         error = first["error"] if isinstance(first["error"], str) else ""
         reasons.append(f"{method} {first.status}" + (f" ({error})" if error else ""))
     return "; ".join(reasons) if reasons else "it recorded no point"
+
+
+def family_members(family: str) -> set[str]:
+    from racebench.methods.registry import list_methods
+
+    return {m.name for m in list_methods() if m.family == family}
+
+
+def fastest(df: pd.DataFrame, methods: set[str]) -> pd.DataFrame:
+    """At each length, the fastest completed point among `methods`: T, time_ms, method (one device's rows)."""
+    ok = df[df.method.isin(methods) & (df.status == "ok") & df.time_ms.notna()]
+    if ok.empty:
+        return pd.DataFrame(columns=["T", "time_ms", "method"])
+    return ok.loc[ok.groupby("T").time_ms.idxmin()].sort_values("T")[["T", "time_ms", "method"]]
+
+
+def crossover(subject: pd.DataFrame, other: pd.DataFrame) -> float | None:
+    """The length where the subject becomes faster than the other and stays so over the lengths both completed,
+    interpolated in log-log between the two lengths around it; None where no such change is measured."""
+    both = subject.set_index("T").time_ms.to_frame("a").join(other.set_index("T").time_ms.rename("b"), how="inner")
+    both = both.sort_index()
+    if len(both) < 2:
+        return None
+    ratio = (both.b / both.a).map(math.log)  # > 0: the subject is faster
+    for i in range(len(both) - 1, 0, -1):
+        if ratio.iloc[i] > 0 >= ratio.iloc[i - 1]:
+            t0, t1 = math.log(both.index[i - 1]), math.log(both.index[i])
+            r0, r1 = ratio.iloc[i - 1], ratio.iloc[i]
+            return math.exp(t0 + (t1 - t0) * (0 - r0) / (r1 - r0))
+        if ratio.iloc[i] <= 0:
+            return None
+    return None
+
+
+def versus_fastest(df: pd.DataFrame, subject: str, other: str) -> tuple[pd.DataFrame, dict[str, float | None]]:
+    """The subject family's fastest method against the other family's at each length both completed, per device
+    (device, T, fastest <other>, its time, fastest <subject>, its time, speedup = other's time / subject's), and the
+    crossover per device (None: no change measured)."""
+    mine, theirs = family_members(subject), family_members(other)
+    rows, crossings = [], {}
+    for device, d in df.groupby("device", sort=False):
+        a, b = fastest(d, mine), fastest(d, theirs)
+        if a.empty or b.empty:
+            continue
+        crossings[device] = crossover(a, b)
+        both = a.merge(b, on="T", suffixes=("_s", "_o"))
+        rows += [dict(device=device, T=int(r.T), other_method=r.method_o, other_ms=r.time_ms_o,
+                      subject_method=r.method_s, subject_ms=r.time_ms_s, speedup=r.time_ms_o / r.time_ms_s)
+                 for r in both.itertuples()]
+    return pd.DataFrame(rows), crossings

@@ -25,7 +25,7 @@ from matplotlib.text import Text  # noqa: E402
 from racebench.bench.units import format_bytes  # noqa: E402
 from racebench.errors import UsageError  # noqa: E402
 from racebench.methods.registry import HEADLINE_FAMILIES, baseline_method, list_methods  # noqa: E402
-from racebench.results.summary import thresholds  # noqa: E402
+from racebench.results.summary import crossover, family_members, fastest, thresholds  # noqa: E402
 
 FORMATS = ("png", "svg", "pdf")
 _BASE_RC = {"axes.titlesize": "medium", "legend.frameon": False, "axes.spines.top": False,
@@ -346,29 +346,7 @@ def context_figure(df: pd.DataFrame, opts: FigureOptions = FigureOptions()):
 
 def _family_best(df: pd.DataFrame, family: str) -> pd.DataFrame:
     """At each length, the fastest completed point among the family's methods: T, time_ms, method."""
-    members = {m.name for m in list_methods() if m.family == family}
-    ok = _ok(df[df.method.isin(members)])
-    if ok.empty:
-        return ok
-    return ok.loc[ok.groupby("T").time_ms.idxmin()].sort_values("T")[["T", "time_ms", "method"]]
-
-
-def crossover(subject: pd.DataFrame, other: pd.DataFrame) -> float | None:
-    """The length where the subject becomes faster than the other and stays so over the lengths both completed,
-    interpolated in log-log between the two lengths around it; None where no such change is measured."""
-    both = subject.set_index("T").time_ms.to_frame("a").join(other.set_index("T").time_ms.rename("b"), how="inner")
-    both = both.sort_index()
-    if len(both) < 2:
-        return None
-    ratio = np.log(both.b / both.a)  # > 0: the subject is faster
-    for i in range(len(both) - 1, 0, -1):
-        if ratio.iloc[i] > 0 >= ratio.iloc[i - 1]:
-            t0, t1 = np.log(both.index[i - 1]), np.log(both.index[i])
-            r0, r1 = ratio.iloc[i - 1], ratio.iloc[i]
-            return float(np.exp(t0 + (t1 - t0) * (0 - r0) / (r1 - r0)))
-        if ratio.iloc[i] <= 0:
-            return None
-    return None
+    return fastest(df, family_members(family))
 
 
 def headline_figure(df: pd.DataFrame, opts: FigureOptions = FigureOptions()):
