@@ -1,6 +1,9 @@
 """Inference forms (prefill, then one token at a time from a state) against the causal forward over the whole
 sequence, in float64 and in fp32 (the flash-attention rule against float64); state sizes against their formulas."""
 
+import sys
+import types
+
 import pytest
 import torch
 from conftest import qkv
@@ -8,6 +11,7 @@ from conftest import qkv
 from racebench import make_planes, race_attention, race_generate
 from racebench.errors import UnsupportedError, UsageError
 from racebench.methods.registry import BuildConfig, decode_all, get_method, list_methods
+from racebench.methods.softmax import softmax_naive
 
 DECODERS = [m.name for m in list_methods() if m.decode is not None and "cpu" in m.devices]
 B, H, D = 1, 2, 32
@@ -179,3 +183,47 @@ def test_causal_outputs_never_depend_on_later_tokens(method):
     v2[..., -4:, :] = v2[..., -4:, :] * 6 - 3
     after = attend(q, k2, v2).detach()
     assert (after[..., :-4, :] - before[..., :-4, :]).abs().max() < 1e-12
+
+
+class FakeFlashAttn(types.ModuleType):
+    """flash-attn's documented contract in plain PyTorch, for the CPU: [B, T, H, D] tensors; flash_attn_with_kvcache
+    writes k, v into the caches at position cache_seqlens in place, then attends over the caches up to them."""
+
+    def __init__(self):
+        super().__init__("flash_attn")
+        self.calls = 0
+
+    @staticmethod
+    def flash_attn_func(q, k, v, causal=False):
+        return softmax_naive(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal).transpose(1, 2)
+
+    def flash_attn_with_kvcache(self, q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, causal=False):
+        self.calls += 1
+        t, n = cache_seqlens, k.shape[1]
+        k_cache[:, t:t + n], v_cache[:, t:t + n] = k, v
+        K, V = k_cache[:, :t + n], v_cache[:, :t + n]
+        return softmax_naive(q.transpose(1, 2), K.transpose(1, 2), V.transpose(1, 2)).transpose(1, 2), None
+
+
+@pytest.mark.parametrize("module", ["flash_attn", "flash_attn_interface"])
+@pytest.mark.parametrize("prompt,tokens,room", [(1, 5, 0), (63, 64, 0), (63, 5, 64)])
+def test_flash_attn_kvcache_decoder_keeps_its_cache(monkeypatch, module, prompt, tokens, room):
+    """flash and flash3 decode through flash_attn_with_kvcache where installed (CUDA). Against a stand-in of its
+    contract: the decoder's layout, the cache's positions and its doubling when full (room 0: no token fits)."""
+    from racebench.methods.softmax import _kvcache_decoder
+
+    fake = FakeFlashAttn()
+    monkeypatch.setitem(sys.modules, module, fake)
+    q, k, v = (x.detach() for x in qkv(2, 3, prompt + tokens, 16))
+    cfg = BuildConfig(2, 3, prompt, 16, "fp64", "cpu", causal=True, mode="decode", decode_tokens=room)
+    got = decode_all(_kvcache_decoder(cfg, module), q, k, v, prompt)
+    assert rel(got, softmax_naive(q, k, v, causal=True)) < 1e-12 and fake.calls == tokens
+    decoder = _kvcache_decoder(cfg, module)
+    _, cache = decoder.prefill(q[..., :prompt, :], k[..., :prompt, :], v[..., :prompt, :])
+    assert decoder.state_bytes(cache) == 2 * 2 * 3 * prompt * 16 * 8
+
+
+def test_sdpa_backends_decode_under_their_backend():
+    """sdpa-math (the backend the CPU has) decodes like flash; sdpa-efficient and sdpa-cudnn share its code on CUDA."""
+    assert "sdpa-math" in DECODERS
+    assert all(get_method(m).decode is not None for m in ("sdpa-efficient", "sdpa-cudnn", "flash3"))

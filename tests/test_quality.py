@@ -101,3 +101,27 @@ def test_the_command_writes_a_run_its_table_and_figures(tmp_path):
 def test_bad_quality_input_is_one_line_exit_2(tmp_path, args, message):
     result = runner.invoke(app, ["quality", "--out", str(tmp_path / "r"), *args], env=ENV)
     assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, result.output
+
+
+@pytest.mark.parametrize("method", ["flash", "race", "linear", "performer"])
+def test_the_gpu_preset_sizes_train_on_the_cpu(method):
+    """--preset gpu has not run on a GPU here: its model and task sizes (the longest length, every pair count, its
+    vocabulary and width) take training steps with every method on the CPU, at a small batch."""
+    from racebench.quality.runner import PRESETS
+
+    p = PRESETS["gpu"]
+    T = int(p["lengths"].split(",")[-1])
+    pairs = tuple(int(x) for x in p["pairs"].split(","))
+    cfg = TrainConfig(T=T, pairs=pairs, steps=2, batch=2, d_model=p["d_model"], vocab=p["vocab"], eval_n=2,
+                      eval_every=10, seed=torch.randint(1 << 20, ()).item())
+    assert cfg.usable_pairs() == pairs  # every pair count fits the length and the vocabulary
+    result = train(method, cfg)
+    assert len(result["losses"]) == 2 and all(torch.isfinite(torch.tensor(result["losses"])))
+    assert set(result["final"]) == set(pairs)
+
+
+def test_the_gpu_preset_without_a_gpu_is_one_line():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    result = runner.invoke(app, ["quality", "--preset", "gpu"], env=ENV)
+    assert result.exit_code == 2 and "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
