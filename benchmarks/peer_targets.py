@@ -77,6 +77,12 @@ def targets(frames: list[tuple[dict, pd.DataFrame]], ceilings: dict) -> str:
             lines.append(f"| causal at {format_length(r.T)}: fastest softmax / race | {r.other_method} "
                          f"{r.other_ms:.3f} ms / race {r.subject_ms:.3f} ms = {r.speedup:.2f}x | - | - |")
 
+    for T in (2**16, 2**20):  # the linear-attention peer, causal (no goal: the figure users will ask for)
+        fla, race = _time(df, "linear-fla", T, True), _time(df, "race", T, True)
+        if fla is not None and race is not None:
+            lines.append(f"| causal at {format_length(T)}: linear-fla / race | {fla:.3f} ms / {race:.3f} ms = "
+                         f"{fla / race:.2f}x | - | - |")
+
     t = _time(df, "race", 2**22, False)
     move = BYTE_PASSES * per_token * 2**22 / ceilings["copy_bytes_per_s"] * 1e3
     lines.append(_row(f"race at 2^22, non-causal / {BYTE_PASSES} tensor passes at the copy bandwidth ({move:.2f} ms)",

@@ -6,6 +6,7 @@ cost most. The wall time per pass is measured beside it without the profiler (sy
 
     python benchmarks/profile_pass.py --method race --device cuda -T 2^12 [--causal] [--json out.json]
     python benchmarks/profile_pass.py --method race -T 2^12 --graphs     # the same pass replayed from a CUDA graph
+    python benchmarks/profile_pass.py --method race -T 2^12 --variants eager,causal,graphs   # all three, one process
 
 The 0.5 ms target of a race pass at 2^12 (docs/gpu-results.md) reads off `wall ms`; `launches` and `syncs` say what
 to cut.
@@ -124,21 +125,30 @@ def main(argv=None) -> int:
     parser.add_argument("--passes", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--graphs", action="store_true", help="profile the pass replayed from a CUDA graph")
+    parser.add_argument("--variants", help="several passes in one process, e.g. eager,causal,graphs (each: the "
+                        "options above plus causal masking or graph replay)")
     parser.add_argument("--trace", help="also write a Chrome trace here")
-    parser.add_argument("--json", help="write the figures here")
+    parser.add_argument("--json", help="write the figures here (a list with --variants)")
     a = parser.parse_args(argv)
     knobs = {}
     for item in a.knob:
         key, _, value = item.partition("=")
         knobs[key] = int(value) if value.lstrip("-").isdigit() else value
-    r = profile_pass(a.method, device=a.device, T=parse_length(a.T), B=a.B, H=a.H, D=a.D, dtype=a.dtype,
-                     causal=a.causal, knobs=knobs, passes=a.passes, repeats=a.repeats, graphs=a.graphs, trace=a.trace)
-    print(r["table"])
-    shown = {k: v for k, v in r.items() if k != "table"}
-    print("\n".join(f"{k:>12}: {v:.4g}" if isinstance(v, float) else f"{k:>12}: {v}" for k, v in shown.items()))
+    variants = a.variants.split(",") if a.variants else [None]
+    if unknown := set(variants) - {None, "eager", "causal", "graphs"}:
+        parser.error(f"--variants takes eager, causal and graphs, not {', '.join(sorted(unknown))}")
+    results = []
+    for variant in variants:
+        r = profile_pass(a.method, device=a.device, T=parse_length(a.T), B=a.B, H=a.H, D=a.D, dtype=a.dtype,
+                         causal=a.causal or variant == "causal", knobs=knobs, passes=a.passes, repeats=a.repeats,
+                         graphs=a.graphs or variant == "graphs", trace=a.trace)
+        print(r["table"])
+        shown = {k: v for k, v in r.items() if k != "table"}
+        print("\n".join(f"{k:>12}: {v:.4g}" if isinstance(v, float) else f"{k:>12}: {v}" for k, v in shown.items()))
+        results.append(shown)
     if a.json:
         with open(a.json, "w") as f:
-            json.dump(shown, f, indent=1)
+            json.dump(results if a.variants else results[0], f, indent=1)
     return 0
 
 

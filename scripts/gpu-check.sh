@@ -110,37 +110,43 @@ fi
 # race against every softmax kernel that runs here and fla's linear attention, its OOM threshold when causal, the
 # CUDA-graph protocol and a profile of race's pass at 2^12 (docs/gpu-results.md, "Peers and fixed cost"); minutes
 # of their own, so only when named:
-#   STAGES="ceilings smoke tune peers peers-causal race-causal-oom graphs profile peer-targets" scripts/gpu-check.sh
-SOFTMAX_PEERS=flash,flash3,sdpa-cudnn,sdpa-efficient  # those not installed are recorded unsupported, with the reason
+# (about 500 s of stage limits with the tuned launch options of an earlier run instead of the tune stage):
+#   RACEBENCH_KERNEL_CONFIG=results/h200-gpu-check-2/kernel-config.json DEADLINE=510 STAGES="ceilings smoke peers \
+#   peers-causal race-causal-oom graphs profile peers-check peer-targets tests-engine" scripts/gpu-check.sh
+SOFTMAX_PEERS=flash,sdpa-cudnn,sdpa-efficient,flash3  # those not installed are recorded unsupported, with the reason
+# A sweep runs method after method, so a stage cut off by its limit loses the last methods: race and flash first.
 if named peers; then
-    stage peers 100 "${SWEEP[@]}" --methods "race,$SOFTMAX_PEERS" --lengths 2^12,2^14,2^16,2^18,2^20,2^22 \
+    stage peers 70 "${SWEEP[@]}" --methods "race,$SOFTMAX_PEERS" --min-len 2^12 --max-len 2^22 --growth 4 \
         --time-budget 10s --out "$OUT/peers"
 fi
-if named peers-causal; then
-    stage peers-causal 120 "${SWEEP[@]}" --causal --methods "race,$SOFTMAX_PEERS,linear,linear-fla" --min-len 2^10 \
-        --max-len 2^20 --growth 2 --time-budget 10s --out "$OUT/peers-causal"
+if named peers-causal; then  # fine steps where the crossover is sought, then race to 2^20 (softmax is skipped there)
+    STAGES="$STAGES plots-peers report-peers-causal peers-linear"
+    stage peers-causal 100 "${SWEEP[@]}" --causal --methods "race,$SOFTMAX_PEERS" \
+        --lengths 2^10,2^11,2^12,2^13,2^14,2^16,2^18,2^20 --time-budget 10s --out "$OUT/peers-causal"
     stage plots-peers 15 "$PY" -m racebench plot "$OUT/peers-causal" --out "$OUT/plots/peers-causal"
     stage report-peers-causal 10 "$PY" -m racebench report "$OUT/peers-causal" --markdown "$OUT/report-peers-causal.md"
+    stage peers-linear 40 "${SWEEP[@]}" --causal --methods linear-fla,linear --min-len 2^12 --max-len 2^20 --growth 4 \
+        --time-budget 10s --out "$OUT/peers-linear"
 fi
 if named race-causal-oom; then
-    stage race-causal-oom 90 "${SWEEP[@]}" --causal --methods race --min-len 2^20 --growth 4 --max-len "$MAX_LEN" \
+    stage race-causal-oom 45 "${SWEEP[@]}" --causal --methods race --min-len 2^22 --growth 4 --max-len "$MAX_LEN" \
         --time-budget 30s --memory-budget 100% --refine 0.05 --out "$OUT/race-causal-oom"
 fi
 if named graphs; then
-    stage graphs 60 "${SWEEP[@]}" --cuda-graphs --methods "race,$SOFTMAX_PEERS,linear" --lengths 2^12,2^14,2^16 \
-        --time-budget 10s --out "$OUT/graphs"
+    stage graphs 35 "${SWEEP[@]}" --cuda-graphs --methods race,flash --lengths 2^12,2^14,2^16 --time-budget 10s \
+        --out "$OUT/graphs"
 fi
-if named profile; then  # race's pass at 2^12: eager, causal, replayed from a CUDA graph
-    STAGES="$STAGES profile-causal profile-graphs"
-    stage profile 20 "$PY" benchmarks/profile_pass.py --method race -T 2^12 --json "$OUT/profile.json"
-    stage profile-causal 20 "$PY" benchmarks/profile_pass.py --method race -T 2^12 --causal \
-        --json "$OUT/profile-causal.json"
-    stage profile-graphs 20 "$PY" benchmarks/profile_pass.py --method race -T 2^12 --graphs \
-        --json "$OUT/profile-graphs.json"
+if named profile; then  # race's pass at 2^12: eager, causal, replayed from a CUDA graph; one process
+    stage profile 30 "$PY" benchmarks/profile_pass.py --method race -T 2^12 --variants eager,causal,graphs \
+        --json "$OUT/profile.json"
+fi
+if named peers-check; then  # the peers' outputs and gradients against float64, on this GPU (linear-fla's kernel too)
+    stage peers-check 25 "$PY" -m pytest -q -p no:benchmark -k "fla or sdpa" \
+        tests/test_methods.py::test_method_on_cuda_matches_float64_reference
 fi
 if named peer-targets; then
-    stage peer-targets 10 "$PY" benchmarks/peer_targets.py "$OUT/peers" "$OUT/peers-causal" "$OUT/race-causal-oom" \
-        --ceilings "$OUT/ceilings.json"
+    stage peer-targets 10 "$PY" benchmarks/peer_targets.py "$OUT/peers" "$OUT/peers-causal" "$OUT/peers-linear" \
+        "$OUT/race-causal-oom" --ceilings "$OUT/ceilings.json"
 fi
 # The engine's CUDA paths (clocks after the device, the budget, CUDA OOM, the SDPA backends): a few points.
 stage tests-engine 30 "$PY" -m pytest -q -p no:benchmark tests/test_cuda_engine.py
