@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from racebench.methods.race import native
 from racebench.methods.race.functional import _validate, race_attention, resolve_impl
 from racebench.methods.race.hashing import soft_hash
 from racebench.methods.race.lean import race_lean_prefill
@@ -61,7 +62,6 @@ def race_prefill(q, k, v, planes, *, beta, normalize="paper", eps=1e-6, impl="au
 
 def native_step(state: RaceState, planes) -> bool:
     """Whether a step runs the native CPU kernels' decode_step (one call for all heads) rather than PyTorch ops."""
-    from racebench.methods.race import native
     from racebench.methods.race.implementations import native_limits
     from racebench.methods.registry import dtype_name
 
@@ -75,18 +75,14 @@ def race_decode_step(state: RaceState, q, k, v, planes, *, beta, normalize="pape
     is tiny work: on the CPU one call of the native kernels for all heads where they are built; else a few PyTorch
     operations (one soft hash for the key and the query together, the state updated in place)."""
     acc = state.A.dtype
-    B, H, _, D = q.shape
+    if state.W is not None:  # every Python operation here costs microseconds: none that the kernel can do
+        o, dtype = torch.empty(q.shape, dtype=acc), q.dtype  # the kernel reshapes q, k, v, o, the state to rows
+        if dtype != acc:
+            q, k, v = (x.to(acc) for x in (q, k, v))
+        native.decode_step(q, k, v, state.A, state.KV, o, state.W, planes.shape[0], planes.shape[1], beta, normalize,
+                           eps)  # not differentiable, so no torch.no_grad() needed
+        return o if dtype == acc else o.to(dtype)
     with torch.no_grad():
-        if state.W is not None:  # every operation here costs microseconds: none that does nothing
-            from racebench.methods.race import native
-
-            L, P, _ = planes.shape
-            o = torch.empty(B * H, D, dtype=acc)
-            rows = [x.reshape(B * H, D) if x.dtype == acc else x.reshape(B * H, D).to(acc) for x in (q, k, v)]
-            native.decode_step(*rows, state.A.view(B * H, -1), state.KV.view(B * H, -1, D), o, state.W, L, P, beta,
-                               normalize, eps)
-            o = o.view(B, H, 1, D)
-            return o if o.dtype == q.dtype else o.to(q.dtype)
         f = soft_hash(torch.cat((k, q), dim=-2).to(acc), planes.to(q.device, acc), beta)  # [B, H, 2, S]
         fk, fq = f[..., 0, :], f[..., 1:, :]
         state.A += fk

@@ -511,8 +511,6 @@ void key_backward_impl(const torch::Tensor& k, const torch::Tensor& v, const tor
   });
 }
 
-// Runs the lambda with `scalar` the tensor's type and `ops` the products for its head dimension: register-blocked
-// where it is a common one (64, 128), plain loops otherwise.
 // One decoded token for every head (rows n of q, k, v [N, D], N = B * H): its key and value added to the head's
 // state A [N, S], KV [N, S, D] in place, then its output o [N, D] against the state. One call per token: the
 // PyTorch form of a step is some fifty tiny operations, whose dispatch costs more than their arithmetic.
@@ -550,6 +548,8 @@ void decode_step_impl(const torch::Tensor& q, const torch::Tensor& k, const torc
   });
 }
 
+// Runs the lambda with `scalar` the tensor's type and `ops` the products for its head dimension: register-blocked
+// where it is a common one (64, 128), plain loops otherwise.
 template <typename F>
 auto dispatch(const torch::Tensor& x, int64_t D, F f) {
   auto by_dim = [&](auto type_tag) {
@@ -599,9 +599,13 @@ void key_backward(torch::Tensor k, torch::Tensor v, torch::Tensor dA, torch::Ten
 
 void decode_step(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor A, torch::Tensor KV,
                  torch::Tensor o, bool paper, double eps, torch::Tensor W, int64_t L, int64_t P, double beta) {
-  check_rows(q, W.size(1), "q"), check_rows(k, W.size(1), "k"), check_rows(v, W.size(1), "v");
-  check_rows(o, W.size(1), "o");
-  const int64_t N = q.size(0), S = L << P;
+  // Any leading shape (a model's [B, H, 1, D]) as rows of D, one per head: reshaped here, where a reshape costs
+  // nothing next to the microseconds each one costs from Python. o and the state must be views: they are written.
+  const int64_t D = W.size(1), S = L << P;
+  q = q.reshape({-1, D}), k = k.reshape({-1, D}), v = v.reshape({-1, D}), o = o.view({-1, D});
+  A = A.view({-1, S}), KV = KV.view({-1, S, D});
+  check_rows(q, D, "q"), check_rows(k, D, "k"), check_rows(v, D, "v"), check_rows(o, D, "o");
+  const int64_t N = q.size(0);
   TORCH_CHECK(k.size(0) == N && v.size(0) == N && o.size(0) == N, "q, k, v and o must have one row per head");
   TORCH_CHECK(A.is_contiguous() && KV.is_contiguous() && A.numel() == N * S && KV.numel() == N * S * W.size(1),
               "the state must be contiguous A [N, S] and KV [N, S, D]");
