@@ -94,9 +94,11 @@ def _decoder(method: Method, impl: str | None):
             parts = [race_prefill(q, k, v, p, impl=chosen, **kw) for p in planes]
             return sum(o for o, _ in parts) / len(parts), [s for _, s in parts]
 
+        first = planes[0]  # indexing a tensor makes a view, microseconds each step
+
         def step(states, q, k, v):
             if len(states) == 1:  # a step is microseconds: no averaging of one ensemble
-                return race_decode_step(states[0], q, k, v, planes[0], **kw)
+                return race_decode_step(states[0], q, k, v, first, **kw)
             return sum(race_decode_step(s, q, k, v, p, **kw) for s, p in zip(states, planes)) / len(planes)
 
         return Decoder(prefill, step, lambda states: sum(s.nbytes for s in states))
