@@ -24,7 +24,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from racebench.bench.units import parse_length
-from racebench.bench.worker import SumLoss
+from racebench.bench.worker import _pass_body
 from racebench.methods.registry import BuildConfig, build_method, dtype_name, torch_dtype
 
 SYNCS = ("cudaDeviceSynchronize", "cudaStreamSynchronize", "cudaEventSynchronize", "cuStreamSynchronize",
@@ -50,10 +50,11 @@ def profile_pass(method: str, *, device: str, T: int, B: int = 1, H: int = 4, D:
                for _ in range(3))
     cuda = device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
+    body = _pass_body(fn, q, k, v, "fwd+bwd")  # the pass as a sweep takes it
 
     def step():
         q.grad = k.grad = v.grad = None
-        SumLoss.apply(fn(q, k, v)).backward()
+        body()
 
     for _ in range(3):  # compiles, autotuning, the allocator's cache
         step()
@@ -62,9 +63,8 @@ def profile_pass(method: str, *, device: str, T: int, B: int = 1, H: int = 4, D:
         if not cuda:
             raise SystemExit("--graphs replays CUDA graphs: use --device cuda")
         from racebench.bench.graphs import capture
-        from racebench.bench.worker import _pass_body
 
-        replay, _ = capture(_pass_body(fn, q, k, v, "fwd+bwd"), q, k, v, sync)
+        replay, _ = capture(body, q, k, v, sync)
 
         def step():  # noqa: F811 - the replay is the pass
             replay()

@@ -39,25 +39,29 @@ def race_prefill(q, k, v, planes, *, beta, normalize="paper", eps=1e-6, impl="au
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
     if not needs_grad and resolve_impl(q, planes, True, impl) != "triton":
         out, A, KV = race_lean_prefill(q, k, v, planes, beta=beta, normalize=normalize, eps=eps)
-        state = RaceState(A, KV)
-        if native_step(state, planes):
-            state.W = planes.to(k.device, A.dtype).reshape(-1, q.shape[-1]).contiguous()
-        return out, state
-    out = race_attention(q, k, v, planes, beta=beta, causal=True, normalize=normalize, eps=eps, impl=impl)
-    acc = _acc(q.dtype)
+    else:
+        out = race_attention(q, k, v, planes, beta=beta, causal=True, normalize=normalize, eps=eps, impl=impl)
+        A, KV = _hashed_state(k, v, planes, beta)
+    state = RaceState(A, KV)
+    if native_step(state, planes):
+        state.W = planes.to(A.device, A.dtype).reshape(-1, q.shape[-1]).contiguous()
+    return out, state
+
+
+def _hashed_state(k, v, planes, beta):
+    """A [B, H, S], KV [B, H, S, D] summed over the keys, hashed in blocks of _PREFILL_BLOCK tokens."""
+    acc = _acc(k.dtype)
     B, H, T, D = k.shape
     S = planes.shape[0] * 2 ** planes.shape[1]
-    state = RaceState(torch.zeros(B, H, S, dtype=acc, device=k.device), torch.zeros(B, H, S, D, dtype=acc,
-                                                                                     device=k.device))
+    A = torch.zeros(B, H, S, dtype=acc, device=k.device)
+    KV = torch.zeros(B, H, S, D, dtype=acc, device=k.device)
     w = planes.to(k.device, acc)
-    if native_step(state, planes):
-        state.W = w.reshape(-1, D).contiguous()
     with torch.no_grad():
         for start in range(0, T, _PREFILL_BLOCK):
             fk = soft_hash(k[..., start:start + _PREFILL_BLOCK, :].to(acc), w, beta)  # [B, H, block, S]
-            state.A += fk.sum(-2)
-            state.KV += fk.transpose(-1, -2) @ v[..., start:start + _PREFILL_BLOCK, :].to(acc)
-    return out, state
+            A += fk.sum(-2)
+            KV += fk.transpose(-1, -2) @ v[..., start:start + _PREFILL_BLOCK, :].to(acc)
+    return A, KV
 
 
 def native_step(state: RaceState, planes) -> bool:
