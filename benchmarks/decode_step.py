@@ -1,6 +1,6 @@
 """What one decoded token of race costs on the CPU, and how much of it is the native kernel: the step as a sweep times
-it (the method's Decoder, slicing the token out of q, k, v included), race_decode_step on slices made in advance,
-the native kernel alone on rows made in advance, and the PyTorch step; interleaved token by token in one process so
+it (the method's Decoder), race_decode_step, the native kernel alone on rows made in advance, and the PyTorch step,
+each on the token's q, k, v sliced out in advance as the sweep does; interleaved token by token in one process so
 that the machine's drift hits all four alike. B=1, H=4, D=128, P=L=3, fp32, median over --tokens.
 
     python benchmarks/decode_step.py [--T 2^12] [--tokens 2000]
@@ -44,7 +44,7 @@ def main(argv=None) -> None:
         times = {"sweep's step": [], "race_decode_step": [], "native kernel alone": [], "PyTorch step": []}
         for t in range(G):
             t0 = time.perf_counter()
-            decoder.step(states, q[..., T + t:T + t + 1, :], k[..., T + t:T + t + 1, :], v[..., T + t:T + t + 1, :])
+            decoder.step(states, *slices[t])  # the token's q, k, v made in advance, as in the sweep
             t1 = time.perf_counter()
             generate.race_decode_step(mine, *slices[t], planes, beta=8.0)
             t2 = time.perf_counter()

@@ -4,8 +4,9 @@ own; warm-up; then the timed passes, synchronized on CUDA; every failure a statu
 
 prefill: a pass is the causal prefill over the T prompt tokens; time_ms is its median over --repeats passes.
 decode: a pass is the prefill, then --decode-tokens tokens decoded one at a time from the state, each timed on its
-own; time_ms is the median time per token of the timed pass (its tokens are the samples), prefill_ms that pass's
-prefill. state_bytes is what the state or cache holds at the end (race: fixed; softmax: K, V of every token)."""
+own (its q, k, v sliced out in advance, as a model hands them over); time_ms is the median time per token of the
+timed pass (its tokens are the samples), prefill_ms that pass's prefill. state_bytes is what the state or cache
+holds at the end (race: fixed; softmax: K, V of every token)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,10 @@ def measure_inference(spec: SweepSpec, row: dict, T: int, build, start: float) -
         gen = torch.Generator(device=spec.device).manual_seed(spec.seed + T)
         q, k, v = (torch.randn(spec.B, spec.H, T + G, spec.D, generator=gen, device=spec.device,
                                dtype=spec.torch_dtype) for _ in range(3))
+        # each token's q, k, v sliced out before any clock too: a model's step receives them, and a slice costs
+        # microseconds, as much as race's whole step on the CPU
+        prompt = tuple(x[..., :T, :] for x in (q, k, v))
+        tokens = [tuple(x[..., t:t + 1, :] for x in (q, k, v)) for t in range(T, T + G)]
         decoder = build()
         mem.sync()
         with_inputs = mem.current()
@@ -37,12 +42,12 @@ def measure_inference(spec: SweepSpec, row: dict, T: int, build, start: float) -
             with torch.no_grad():
                 mem.sync()
                 t0 = time.perf_counter()
-                out, state = decoder.prefill(q[..., :T, :], k[..., :T, :], v[..., :T, :])
+                out, state = decoder.prefill(*prompt)
                 mem.sync()
                 prefill, steps, last = time.perf_counter() - t0, [], None
-                for t in range(T, T + G):
+                for token in tokens:
                     t0 = time.perf_counter()
-                    last = decoder.step(state, q[..., t:t + 1, :], k[..., t:t + 1, :], v[..., t:t + 1, :])
+                    last = decoder.step(state, *token)
                     mem.sync()
                     steps.append(time.perf_counter() - t0)
             return prefill, steps, (out, last), state

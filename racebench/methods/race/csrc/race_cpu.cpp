@@ -67,6 +67,26 @@ struct SoftHash {
     }
   }
 
+  // One token's features, for a decode step: u [LP] the projections W x in, tanh(W x) out; f [S]. The tile's
+  // arithmetic for a single lane, without the TILE - 1 lanes that activate() would compute and discard.
+  void activate_one(T* u, T* f) const {
+    for (int l = 0; l < L; ++l) {
+      T* fl = f + l * R;
+      fl[0] = 1;
+      for (int p = 0; p < P; ++p) {
+        T t = std::tanh(u[l * P + p]);
+        u[l * P + p] = t;
+        T z = 2 * beta * t, e = std::exp(-std::abs(z)), big = T(1) / (T(1) + e);
+        T plus = z >= 0 ? big : e * big, minus = z >= 0 ? e * big : big;
+        for (int r = (1 << p) - 1; r >= 0; --r) {
+          T x = fl[r];
+          fl[2 * r + 1] = x * plus;
+          fl[2 * r] = x * minus;
+        }
+      }
+    }
+  }
+
   // dh [LP, TILE]: the gradient of <phi(x), g> with respect to the projections W x (softmax backward per table,
   // then tanh), from u = tanh(W x), f and g [S, TILE].
   void backward(const T* u, const T* f, const T* g, T* dh) const {
@@ -310,11 +330,16 @@ struct Kernel {
   }
 };
 
-template <typename T, typename Ops>
-Kernel<T, Ops> make_kernel(Ops ops, const torch::Tensor& W, int64_t L, int64_t P, double beta) {
+template <typename T>
+SoftHash<T> make_hash(const torch::Tensor& W, int64_t L, int64_t P, double beta) {
   TORCH_CHECK(W.is_contiguous() && W.dim() == 2 && W.size(0) == L * P, "W must be contiguous [L*P, D]");
   TORCH_CHECK(P >= 1 && P <= 9 && L * P <= MAX_LP && L * (1 << P) <= MAX_S, "race_cpu: L*P <= 64, S <= 512");
-  SoftHash<T> hash{int(L), int(P), int(1 << P), int(L << P), int(L * P), T(beta)};
+  return {int(L), int(P), int(1 << P), int(L << P), int(L * P), T(beta)};
+}
+
+template <typename T, typename Ops>
+Kernel<T, Ops> make_kernel(Ops ops, const torch::Tensor& W, int64_t L, int64_t P, double beta) {
+  auto hash = make_hash<T>(W, L, P, beta);
   const T* Wp = W.data_ptr<T>();
   auto Wm = ops.matrix(Wp, hash.LP);
   return {ops, hash, Wp, std::move(Wm)};
@@ -513,33 +538,48 @@ void key_backward_impl(const torch::Tensor& k, const torch::Tensor& v, const tor
 
 // One decoded token for every head (rows n of q, k, v [N, D], N = B * H): its key and value added to the head's
 // state A [N, S], KV [N, S, D] in place, then its output o [N, D] against the state. One call per token: the
-// PyTorch form of a step is some fifty tiny operations, whose dispatch costs more than their arithmetic.
-template <typename T, typename Ops>
+// PyTorch form of a step is some fifty tiny operations, whose dispatch costs more than their arithmetic. A token is
+// too little work for the tiles (their projections and hash run TILE lanes for one token), so plain loops for one.
+template <typename T>
 void decode_step_impl(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, torch::Tensor& A,
-                      torch::Tensor& KV, torch::Tensor& o, bool paper, double eps, const Kernel<T, Ops>& K) {
-  const int64_t N = q.size(0), D = q.size(1), S = K.hash.S;
+                      torch::Tensor& KV, torch::Tensor& o, bool paper, double eps, const T* W,
+                      const SoftHash<T>& hash) {
+  const int64_t N = q.size(0), D = q.size(1), S = hash.S, LP = hash.LP;
   const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>();
   T *Ap = A.data_ptr<T>(), *KVp = KV.data_ptr<T>(), *op = o.data_ptr<T>();
-  at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
-    T u[MAX_LP * TILE], f[MAX_S * TILE];
+  auto features = [&](const T* x, T* u, T* f) {  // u = W x, then phi(x) into f
+    for (int64_t i = 0; i < LP; ++i) {
+      const T* w = W + i * D;
+      T acc = 0;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t d = 0; d < D; ++d) acc += w[d] * x[d];
+      u[i] = acc;
+    }
+    hash.activate_one(u, f);
+  };
+  // Threads only for heads worth waking them for: a head's step is a few microseconds of arithmetic, about what
+  // handing work to another thread costs.
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / (S * D));
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    T u[MAX_LP], f[MAX_S];
     for (int64_t n = n0; n < n1; ++n) {
       T *An = Ap + n * S, *KVn = KVp + n * S * D, *on = op + n * o.stride(0);
       const T* vn = vp + n * v.stride(0);
-      K.features(kp + n * k.stride(0), k.stride(0), 1, u, f);
+      features(kp + n * k.stride(0), u, f);
       for (int64_t s = 0; s < S; ++s) {
-        const T fs = f[s * TILE];
+        const T fs = f[s];
         An[s] += fs;
         T* row = KVn + s * D;
 #pragma omp simd
         for (int64_t d = 0; d < D; ++d) row[d] += fs * vn[d];
       }
-      K.features(qp + n * q.stride(0), q.stride(0), 1, u, f);
+      features(qp + n * q.stride(0), u, f);
       T den = T(eps);
       if (paper)
-        for (int64_t s = 0; s < S; ++s) den += f[s * TILE] * An[s];
+        for (int64_t s = 0; s < S; ++s) den += f[s] * An[s];
       for (int64_t d = 0; d < D; ++d) on[d] = T(0);
       for (int64_t s = 0; s < S; ++s) {
-        const T w = paper ? f[s * TILE] / den : f[s * TILE] / (An[s] + T(eps));
+        const T w = paper ? f[s] / den : f[s] / (An[s] + T(eps));
         const T* row = KVn + s * D;
 #pragma omp simd
         for (int64_t d = 0; d < D; ++d) on[d] += w * row[d];
@@ -611,12 +651,9 @@ void decode_step(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tenso
               "the state must be contiguous A [N, S] and KV [N, S, D]");
   TORCH_CHECK(A.scalar_type() == q.scalar_type() && KV.scalar_type() == q.scalar_type(),
               "the state must have the inputs' dtype");
-  // The plain loops (AnyD) for every D: a token per head is too little work for the register-blocked tiles, whose
-  // set-up alone took longer than the step (39 us against 12 us for one token at D = 128, on an AVX2 machine).
   auto step = [&](auto type_tag) {
     using scalar = decltype(type_tag);
-    auto K = make_kernel<scalar>(AnyD<scalar>{W.size(1)}, W, L, P, beta);
-    decode_step_impl<scalar>(q, k, v, A, KV, o, paper, eps, K);
+    decode_step_impl<scalar>(q, k, v, A, KV, o, paper, eps, W.data_ptr<scalar>(), make_hash<scalar>(W, L, P, beta));
   };
   if (q.scalar_type() == torch::kFloat) return step(float());
   TORCH_CHECK(q.scalar_type() == torch::kDouble, "race_cpu takes fp32 or fp64");
