@@ -1,7 +1,9 @@
 """What one decoded token of race costs on the CPU, and how much of it is the native kernel: the step as a sweep times
-it (the method's Decoder), race_decode_step, the native kernel alone on rows made in advance, and the PyTorch step,
-each on the token's q, k, v sliced out in advance as the sweep does; interleaved token by token in one process so
-that the machine's drift hits all four alike. B=1, H=4, D=128, P=L=3, fp32, median over --tokens.
+it (the method's Decoder), race_decode_step, the native kernel alone, and the PyTorch step, each on the token's
+q, k, v sliced out in advance as the sweep does. In turns of BLOCK consecutive tokens each, in one process, so that
+the machine's drift hits all four alike while each runs as a sweep runs it, token after token (interleaved token
+by token, whichever ran after the PyTorch step paid about 15 us more for the caches it had evicted). B=1, H=4,
+D=128, P=L=3, fp32, median over --tokens.
 
     python benchmarks/decode_step.py [--T 2^12] [--tokens 2000]
 """
@@ -18,6 +20,8 @@ from racebench.bench.units import parse_length
 from racebench.methods.race import generate, native
 from racebench.methods.race.hashing import make_planes
 from racebench.methods.registry import BuildConfig, get_method
+
+BLOCK = 50
 
 
 def main(argv=None) -> None:
@@ -37,23 +41,24 @@ def main(argv=None) -> None:
         _, states = decoder.prefill(q[..., :T, :], k[..., :T, :], v[..., :T, :])
         _, mine = generate.race_prefill(q[..., :T, :], k[..., :T, :], v[..., :T, :], planes, beta=8.0)
         torch_state = generate.RaceState(mine.A.clone(), mine.KV.clone())  # W None: the PyTorch step
-        slices = [tuple(x[..., t:t + 1, :] for x in (q, k, v)) for t in range(T, T + G)]
-        rows = [tuple(x.reshape(B * H, D) for x in s) for s in slices]
+        fresh = [tuple(x[..., t:t + 1, :] for x in (q, k, v)) for t in range(T, T + G)]  # sliced in advance
+        rows = [tuple(x.reshape(B * H, D) for x in s) for s in fresh]
         o = torch.empty(B * H, D)
         A, KV = mine.A.view(B * H, -1), mine.KV.view(B * H, -1, D)
-        times = {"sweep's step": [], "race_decode_step": [], "native kernel alone": [], "PyTorch step": []}
-        for t in range(G):
-            t0 = time.perf_counter()
-            decoder.step(states, *slices[t])  # the token's q, k, v made in advance, as in the sweep
-            t1 = time.perf_counter()
-            generate.race_decode_step(mine, *slices[t], planes, beta=8.0)
-            t2 = time.perf_counter()
-            native.decode_step(*rows[t], A, KV, o, mine.W, 3, 3, 8.0, "paper", 1e-6)
-            t3 = time.perf_counter()
-            generate.race_decode_step(torch_state, *slices[t], planes, beta=8.0)
-            t4 = time.perf_counter()
-            for name, dt in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
-                times[name].append(dt * 1e6)
+        steps = {
+            "sweep's step": lambda t: decoder.step(states, *fresh[t]),
+            "race_decode_step": lambda t: generate.race_decode_step(mine, *fresh[t], planes, beta=8.0),
+            "native kernel alone":
+                lambda t: native.decode_step(*rows[t], A, KV, o, mine.W, 3, 3, 8.0, "paper", 1e-6),
+            "PyTorch step": lambda t: generate.race_decode_step(torch_state, *fresh[t], planes, beta=8.0),
+        }
+        times = {name: [] for name in steps}
+        for start in range(0, G, BLOCK):  # each variant in turn, a block of consecutive tokens at a time
+            for name, step in steps.items():
+                for t in range(start, min(start + BLOCK, G)):
+                    t0 = time.perf_counter()
+                    step(t)
+                    times[name].append((time.perf_counter() - t0) * 1e6)
     print(f"| T = {T:,}, {G} tokens | median us per token |\n|---|---|")
     for name, ts in times.items():
         print(f"| {name} | {statistics.median(ts):.1f} |")

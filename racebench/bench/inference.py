@@ -29,8 +29,8 @@ def measure_inference(spec: SweepSpec, row: dict, T: int, build, start: float) -
         gen = torch.Generator(device=spec.device).manual_seed(spec.seed + T)
         q, k, v = (torch.randn(spec.B, spec.H, T + G, spec.D, generator=gen, device=spec.device,
                                dtype=spec.torch_dtype) for _ in range(3))
-        # each token's q, k, v sliced out before any clock too: a model's step receives them, and a slice costs
-        # microseconds, as much as race's whole step on the CPU
+        # each token's q, k, v sliced out before any clock too: a slice costs microseconds, as much as race's whole
+        # step on the CPU
         prompt = tuple(x[..., :T, :] for x in (q, k, v))
         tokens = [tuple(x[..., t:t + 1, :] for x in (q, k, v)) for t in range(T, T + G)]
         decoder = build()

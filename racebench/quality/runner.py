@@ -6,12 +6,13 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from racebench.errors import UsageError
 from racebench.methods.registry import get_method
+from racebench.quality.training import Training
 
 PRESETS: dict[str, dict[str, Any]] = {
     # About ten minutes on a 2-core CPU for the four methods.
@@ -24,29 +25,20 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 @dataclass(frozen=True)
-class QualitySpec:
+class QualitySpec(Training):
+    """A quality run: the training fields every model shares (training.py), and what is trained and scored."""
+
     methods: tuple[str, ...]
     lengths: tuple[int, ...]
     pairs: tuple[int, ...]
-    steps: int = 350
-    batch: int = 32
-    lr: float = 1e-2
-    d_model: int = 64
-    vocab: int = 64
-    layers: int = 2
-    heads: int = 1
-    seed: int = 0
-    knobs: dict[str, Any] = field(default_factory=dict)
-    device: str = "cpu"
     preset: str = "default"
     plugins: tuple[str, ...] = ()
 
     def train_config(self, T: int):
-        """The training of one model at length T: every field the spec shares with TrainConfig, by name."""
+        """The training of one model at length T."""
         from racebench.quality.train import TrainConfig
 
-        shared = {f.name for f in dataclasses.fields(TrainConfig)} & {f.name for f in dataclasses.fields(self)}
-        return TrainConfig(T=T, **{name: getattr(self, name) for name in shared})
+        return TrainConfig(T=T, pairs=self.pairs, **self.training())
 
 
 def build_quality_spec(*, preset=None, methods=None, lengths=None, pairs=None, steps=None, d_model=None,

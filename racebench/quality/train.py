@@ -5,33 +5,26 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from racebench.quality.model import TinyLM, loss_and_accuracy
 from racebench.quality.mqar import max_pairs, mqar
+from racebench.quality.training import Training
 
 HELD_OUT_SEED = 10**9  # held-out sequences draw from seeds no training batch uses (those are below 10^9)
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Training):
+    """One model's training: the shared fields (training.py), its length and pair counts, and its evaluations."""
+
     T: int
     pairs: tuple[int, ...]  # the pair counts trained on (a batch each, in turn) and scored
-    steps: int = 350
-    batch: int = 32
-    lr: float = 1e-2
-    d_model: int = 64
-    layers: int = 2
-    heads: int = 1
-    vocab: int = 64  # 31 keys, 32 values: up to 31 pairs
-    seed: int = 0
     eval_every: int = 50
     eval_n: int = 256  # held-out sequences per pair count, at the end
     probe_n: int = 64  # the first of them, at the evaluations every eval_every steps (the learning curve)
-    knobs: dict = field(default_factory=dict)
-    device: str = "cpu"
 
     def usable_pairs(self) -> tuple[int, ...]:
         return tuple(p for p in self.pairs if p <= max_pairs(self.T))
