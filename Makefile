@@ -63,11 +63,13 @@ bench-race-2e20: install
 	$(BENCH_2E20) --out results/bench-race-2e20-glibc-$(STAMP)
 	LD_PRELOAD=$(JEMALLOC) $(JEMALLOC_CONF) $(BENCH_2E20) --out results/bench-race-2e20-jemalloc-$(STAMP)
 
-# Inference on the CPU (docs/inference.md): prefill, then 64 tokens decoded one at a time, race, flash and linear.
+# Inference on the CPU (docs/inference.md): prefill, then 64 tokens decoded one at a time, race, flash and linear;
+# then race's step after 2^12 and 2^20 tokens side by side.
 bench-decode: install
 	$(BIN)/racebench sweep --mode decode --methods race,flash,linear --lengths 2^12,2^14,2^16,2^18,2^20 \
-		--time-budget 3m --out results/decode-cpu-$(STAMP)
+		--warmup 1 --time-budget 4m --out results/decode-cpu-$(STAMP)
 	$(BIN)/racebench plot results/decode-cpu-$(STAMP) --out plots/decode-cpu-$(STAMP)
+	$(BIN)/python benchmarks/decode_flat.py
 
 # Every GPU check and timing within a 470 s deadline, with the machine's own python (nothing installed): ceilings,
 # smoke, tuning, paper-protocol and causal sweeps, plots, reports, targets, then the native GPU tests (333 s in all

@@ -4,17 +4,16 @@ or needs more shared memory than a block may have.
 
     python benchmarks/compile_kernels.py [--dtype bf16,fp32] [--grad broadcast,dense] [--json FILE]
 
-Triton's interpreter checks what the kernels compute, not whether the GPU compiler takes them; shapes a
-tensor-core product refuses, or too much shared memory, only show here. What is compiled is what fused.py
-launches: a forward and backward of race_fused on CPU tensors of a sweep's shape (B=1, H=4, D=128, P=L=3) runs
-with each kernel's launch replaced by a capture, and each captured launch is specialized as Triton's JIT would
-specialize it (integer arguments equal to 1 become constants, pointers and integers divisible by 16 say so:
-unit strides and aligned rows are what let loads and stores move 16 bytes at a time, and a compile without them
-reports other registers and spills than the GPU runs). Variants: both normalizations, causal and not, the
-output gradient as the sweeps' protocol loss hands it on (a broadcast view, --grad broadcast) and as a dense
-tensor (dense), with the launch options in effect (launch.py; set RACEBENCH_KERNEL_CONFIG to check another
-configuration). Needs triton (its NVIDIA backend carries ptxas and cuobjdump), not a GPU; TRITON_INTERPRET must
-be unset.
+Triton's interpreter checks what the kernels compute, not whether the GPU compiler takes them; shapes a tensor-core
+product refuses, or too much shared memory, only show here. What is compiled is what fused.py launches: a forward
+and backward of race_fused on CPU tensors of a sweep's shape (B=1, H=4, D=128, P=L=3), and a decode step, run with
+each kernel's launch replaced by a capture, and each captured launch is specialized as Triton's JIT would specialize
+it (integer arguments equal to 1 become constants, pointers and integers divisible by 16 say so: unit strides and
+aligned rows are what let loads and stores move 16 bytes at a time, and a compile without them reports other
+registers and spills than the GPU runs). Variants: both normalizations, causal and not, the output gradient as the
+sweeps' protocol loss hands it on (a broadcast view, --grad broadcast) and as a dense tensor (dense), with the
+launch options in effect (launch.py; set RACEBENCH_KERNEL_CONFIG to check another configuration). Needs triton (its
+NVIDIA backend carries ptxas and cuobjdump), not a GPU; TRITON_INTERPRET must be unset.
 """
 
 from __future__ import annotations
@@ -37,13 +36,14 @@ from triton.runtime import jit
 
 from racebench.bench.worker import SumLoss
 from racebench.methods.race import DEFAULT_L, DEFAULT_P, kernels, make_planes
-from racebench.methods.race.fused import race_fused
+from racebench.methods.race.fused import race_fused, race_fused_step
+from racebench.methods.race.generate import RaceState, _hashed_state
 from racebench.methods.registry import torch_dtype
 
 H100_SHARED_BYTES = 232_448  # the most shared memory one block may use on sm_90 (227 KiB)
 TARGET = GPUTarget("cuda", 90, 32)
 KERNELS = ("state_kernel", "out_kernel", "dq_kernel", "dkv_kernel", "causal_fwd_kernel", "causal_dq_kernel",
-           "causal_dkv_kernel")
+           "causal_dkv_kernel", "decode_step_kernel")
 SHAPE = (1, 4, 4096, 128)  # T does not matter: no kernel specializes on it (do_not_specialize)
 COMPILE_OPTIONS = ("num_warps", "num_stages")
 
@@ -91,6 +91,11 @@ def launched(io_type: str, grad: str) -> list[dict]:
                     SumLoss.apply(o).backward()
                 else:
                     o.backward(torch.zeros_like(o))
+                if causal:  # a decode step, its token sliced out of inputs as a sweep slices it
+                    state = RaceState(*_hashed_state(k[..., :1, :].detach(), v[..., :1, :].detach(), planes, 8.0),
+                                      triton=True)
+                    race_fused_step(state, *(x.detach()[..., 1:2, :] for x in (q, k, v)), planes, beta=8.0,
+                                    paper=normalize == "paper", eps=1e-6)
             for launch in launches:
                 paper = launch["constexprs"].get((kernels_arg(launch["kernel"], "PAPER"),))
                 launch.update(dtype=io_type, normalize={True: "paper", False: "bucket", None: "-"}[paper],

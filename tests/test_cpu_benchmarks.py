@@ -32,3 +32,11 @@ def test_decode_step_splits_a_token_s_cost(capsys):
     assert [r.split("|")[1].strip() for r in rows] == ["sweep's step", "race_decode_step", "native kernel alone",
                                                        "PyTorch step"]
     assert all(numbers(r)[0] > 0 for r in rows)
+
+
+def test_decode_flat_steps_every_length_side_by_side(capsys):
+    load_benchmark("decode_flat").main(["--method", "linear", "--lengths", "16,64", "--tokens", "3"])
+    rows = capsys.readouterr().out.splitlines()[-2:]
+    assert [r.split("|")[1].strip() for r in rows] == ["16", "64"]
+    assert rows[0].split("|")[3].strip() == "1.00x"
+    assert rows[0].split("|")[4] == rows[1].split("|")[4]  # linear's state does not grow with T

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # 16 bytes at a time.
 UNIT_STRIDES = {"state_kernel": {"skd", "svd"}, "out_kernel": {"sqd", "sod"}, "dq_kernel": {"sqd", "sgd", "sdd"},
                 "dkv_kernel": {"skd", "svd", "sdd"}, "causal_fwd_kernel": {"sd"}, "causal_dq_kernel": {"sd", "sgd"},
-                "causal_dkv_kernel": {"sd", "sgd"}}
+                "causal_dkv_kernel": {"sd", "sgd"}, "decode_step_kernel": {"sqd", "skd", "svd", "sod"}}
 
 
 @pytest.mark.slow  # minutes on 2 cores; `make test` and CI run it, `pytest -m "not slow"` leaves it out
@@ -31,10 +31,10 @@ def test_kernels_compile_for_h100(tmp_path):
                           env=env, capture_output=True, text=True, timeout=1200)
     rows = json.loads(out.read_text()) if out.exists() else []
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    # Per dtype (bf16, fp32): state and dkv once, the other five twice (normalizations): 12, each compiled once
+    # Per dtype (bf16, fp32): state and dkv once, the other six twice (normalizations): 14, each compiled once
     # for both layouts of the output gradient, broadcast and dense, which specialize alike. Every one compiled,
     # none over shared memory.
-    assert len(rows) == 24 and all(r["ok"] for r in rows)
+    assert len(rows) == 28 and all(r["ok"] for r in rows)
     assert all(r["grad"] in ("-", "broadcast+dense") for r in rows)
     assert {r["kernel"] for r in rows} == set(UNIT_STRIDES)
     assert all(r["shared"] > 0 and r["reg"] for r in rows)

@@ -126,17 +126,22 @@ def _core_impl(cfg: BuildConfig) -> str:
     return implementations.choose(cfg.device, cfg.dtype_name, cfg.causal, cfg.D, knobs["race_L"], knobs["race_P"])[0]
 
 
-def _impl(cfg: BuildConfig) -> str:
-    """What a point runs, recorded with it: the core, and in decode mode what the steps run."""
-    impl = _core_impl(cfg)
+def _impl(cfg: BuildConfig, impl: str | None = None) -> str:
+    """What a point runs, recorded with it: the core (`impl`, else what "auto" runs), and in decode mode what the
+    steps run."""
+    impl = impl or _core_impl(cfg)
     knobs = race.effective_knobs(cfg)
-    if cfg.mode == "decode" and cfg.device == "cpu":  # the steps: the native decode_step where it runs (generate.py)
+    if cfg.mode != "decode":
+        return impl
+    if impl == "triton":  # the steps (generate.py): the Triton decode kernel after the Triton prefill
+        return impl + " + triton steps"
+    native_ok = False
+    if cfg.device == "cpu":  # the native decode_step where it runs
         from racebench.methods.race import native
 
         acc = "fp64" if cfg.dtype_name == "fp64" else "fp32"
         native_ok = implementations.native_limits(acc, knobs["race_L"], knobs["race_P"]) is None and native.available()
-        impl += " + cpp steps" if native_ok else " + torch steps"
-    return impl
+    return impl + (" + cpp steps" if native_ok else " + torch steps")
 
 
 def _limits(cfg: BuildConfig) -> str | None:
@@ -224,6 +229,7 @@ race_torch = register_method(Method(
     reference=lambda cfg: _reference(race_torch)(cfg),
     knobs=RACE_KNOBS,
     limits=_sequence_parallel_limits,
+    impl=lambda cfg: _impl(cfg, "torch"),
     decode=lambda cfg: _decoder(race_torch, "torch")(cfg),
     color="tab:cyan",
     marker="d",

@@ -4,8 +4,9 @@ Non-causal: state_kernel (A, KV per range of keys, summed here) -> out_kernel; b
 per-range shares of the state's gradient) -> dkv_kernel. Causal: state_kernel over ranges of `span` tokens,
 exclusive prefix sum here = the state entering each range -> causal_fwd_kernel walks each range in chunks;
 backward: causal_dq_kernel (dq, and each range's gradient of its entering state) -> suffix sums here ->
-causal_dkv_kernel. Saved for the backward: q, k, v, o, the per-range entering states (S * D floats per
-`span` tokens) and, for the paper normalization, one denominator per token; features are recomputed.
+causal_dkv_kernel. Saved for the backward: q, k, v, o, the per-range entering states (S * D floats per `span`
+tokens) and, for the paper normalization, one denominator per token; features are recomputed. Decoding
+(generate.py): race_fused_step, one decode_step_kernel launch per token.
 
 Runs on CUDA, or on the CPU under TRITON_INTERPRET=1 (how the tests check it without a GPU).
 """
@@ -234,3 +235,16 @@ class _FusedRace(torch.autograd.Function):
                                               *_strides(k3), *_strides(v3), *_strides(dk), **meta)
         shape = (B, H, T, D)
         return dq.view(shape), dk.view(shape), dv.view(shape), None, None, None, None, None
+
+
+def race_fused_step(state, q, k, v, planes, *, beta, paper, eps):
+    """One decoded token through decode_step_kernel, one launch for every head: q, k, v [B, H, 1, D]; the state
+    (generate.RaceState, fp32 and contiguous) updated in place; the output [B, H, 1, D] in q's dtype."""
+    B, H, _, D = q.shape
+    q2, k2, v2 = (x.reshape(B * H, D) for x in (q, k, v))  # views for a sweep's or a model's token
+    o = torch.empty(B * H, D, device=q.device, dtype=q.dtype)
+    h = _hash_for(planes, D, q.device)
+    kernels.decode_step_kernel[(B * H,)](q2, k2, v2, o, *h.args(q.dtype), state.A, state.KV, D, h.S, beta, eps,
+                                         *q2.stride(), *k2.stride(), *v2.stride(), *o.stride(), PAPER=paper,
+                                         **h.meta(_vprec(q.dtype), "decode_step_kernel"))
+    return o.view(B, H, 1, D)

@@ -20,7 +20,8 @@ _PREFILL_BLOCK = 2**14  # tokens per block when summing the prompt's state: no [
 class RaceState:
     A: torch.Tensor  # [B, H, S], fp32 (fp64 for fp64 inputs), as race_attention accumulates
     KV: torch.Tensor  # [B, H, S, D]
-    W: torch.Tensor | None = None  # the planes as [L*P, D] for the native decode step, made once; None: PyTorch ops
+    W: torch.Tensor | None = None  # the planes as [L*P, D] for the native decode step, made once
+    triton: bool = False  # steps through the Triton decode kernel (where the prefill ran the Triton kernels)
 
     @property
     def nbytes(self) -> int:
@@ -37,13 +38,14 @@ def race_prefill(q, k, v, planes, *, beta, normalize="paper", eps=1e-6, impl="au
     once more to sum it."""
     _validate(q, k, v, planes, beta, normalize)
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-    if not needs_grad and resolve_impl(q, planes, True, impl) != "triton":
+    triton = resolve_impl(q, planes, True, impl) == "triton"
+    if not needs_grad and not triton:
         out, A, KV = race_lean_prefill(q, k, v, planes, beta=beta, normalize=normalize, eps=eps)
     else:
         out = race_attention(q, k, v, planes, beta=beta, causal=True, normalize=normalize, eps=eps, impl=impl)
         A, KV = _hashed_state(k, v, planes, beta)
-    state = RaceState(A, KV)
-    if native_step(state, planes):
+    state = RaceState(A, KV, triton=triton)
+    if not triton and native_step(state, planes):
         state.W = planes.to(A.device, A.dtype).reshape(-1, q.shape[-1]).contiguous()
     return out, state
 
@@ -76,8 +78,13 @@ def native_step(state: RaceState, planes) -> bool:
 
 def race_decode_step(state: RaceState, q, k, v, planes, *, beta, normalize="paper", eps=1e-6):
     """One token (q, k, v [B, H, 1, D]): adds its key to the state (in place), then its output [B, H, 1, D]. A step
-    is tiny work: on the CPU one call of the native kernels for all heads where they are built; else a few PyTorch
-    operations (one soft hash for the key and the query together, the state updated in place)."""
+    is tiny work: one call for all heads of the native kernels on the CPU where they are built, or of the Triton
+    decode kernel where the prefill ran the Triton kernels; else a few PyTorch operations (one soft hash for the
+    key and the query together, the state updated in place)."""
+    if state.triton:
+        from racebench.methods.race.fused import race_fused_step
+
+        return race_fused_step(state, q, k, v, planes, beta=beta, paper=normalize == "paper", eps=eps)
     acc = state.A.dtype
     if state.W is not None:  # every Python operation here costs microseconds: none that the kernel can do
         o, dtype = torch.empty(q.shape, dtype=acc), q.dtype  # the kernel reshapes q, k, v, o, the state to rows

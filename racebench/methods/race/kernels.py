@@ -450,3 +450,31 @@ def causal_dkv_kernel(Q, K, V, O, DO, DK, DV, DEN, W, WP, G, M, A0, KV0, dA_afte
             _store_rows(DK, n, rows, rd, T, D, sn, st, sd, _features_vjp(uk, fk, dfk, hp, beta))
             later_kv += dst_kv
             later_a += dst_a
+
+
+# ----------------------------------------------------------------------------- decode
+
+
+@triton.jit
+def decode_step_kernel(Q, K, V, O, W, WP, G, M, A, KV, D, S, beta, eps, sqn, sqd, skn, skd, svn, svd, son, sod,
+                       PAPER: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, LPP: tl.constexpr,
+                       VPREC: tl.constexpr):
+    """One decoded token of head n (program n), q, k, v, o [N, D]: phi(k) and phi(k) v^T added to the head's state
+    A [N, S], KV [N, S, D] (fp32, in place), then o = phi(q) KV / (phi(q) . A + eps) (paper) or
+    (phi(q) / (A + eps)) KV (bucket). The token is row 0 of a tile of 16 rows, the fewest a tensor-core product
+    takes; the other rows are zero and never stored. One launch per token for every head: the PyTorch step is
+    some forty operations, about fifteen of them kernels."""
+    n = tl.program_id(0)
+    rd, rs, rt = tl.arange(0, BD), tl.arange(0, BS), tl.arange(0, 16)
+    one, svalid = rt < 1, rs < S
+    hp = _hash_params(W, WP, G, M, BD, BS, LPP)
+    a, kv = _load_state(A, KV, n, rs, rd, S, D)
+    _, fk = _features(_load_rows(K, n, rt, rd, 1, D, skn, 0, skd), hp, beta, one, svalid)
+    a, kv = _advance(a, kv, fk, _load_rows(V, n, rt, rd, 1, D, svn, 0, svd), VPREC)
+    _store_state(A, KV, n, rs, rd, S, D, a, kv)
+    _, fq = _features(_load_rows(Q, n, rt, rd, 1, D, sqn, 0, sqd), hp, beta, one, svalid)
+    if PAPER:
+        o = tl.dot(fq, kv, input_precision=VPREC) * (1.0 / (tl.sum(fq * a[None, :], 1) + eps))[:, None]
+    else:
+        o = tl.dot(fq / (a + eps)[None, :], kv, input_precision=VPREC)
+    _store_rows(O, n, rt, rd, 1, D, son, 0, sod, o)

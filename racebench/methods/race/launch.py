@@ -28,6 +28,7 @@ DEFAULTS = {
     "causal_fwd_kernel": dict(num_warps=4, num_stages=1),
     "causal_dq_kernel": dict(num_warps=4, num_stages=1),
     "causal_dkv_kernel": dict(num_warps=4, num_stages=1),
+    "decode_step_kernel": dict(num_warps=4, num_stages=1),
 }
 # Programs per streaming multiprocessor that the range-walking kernels aim for (fused._programs).
 PROGRAMS_PER_SM = 4

@@ -538,7 +538,7 @@ void key_backward_impl(const torch::Tensor& k, const torch::Tensor& v, const tor
 
 // One decoded token for every head (rows n of q, k, v [N, D], N = B * H): its key and value added to the head's
 // state A [N, S], KV [N, S, D] in place, then its output o [N, D] against the state. One call per token: the
-// PyTorch form of a step is some fifty tiny operations, whose dispatch costs more than their arithmetic. A token is
+// PyTorch form of a step is some forty tiny operations, whose dispatch costs more than their arithmetic. A token is
 // too little work for the tiles (their projections and hash run TILE lanes for one token), so plain loops for one.
 template <typename T>
 void decode_step_impl(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, torch::Tensor& A,
