@@ -93,6 +93,9 @@ stage sweep-causal 60 "${SWEEP[@]}" --causal --methods race,flash --min-len 2^10
 # Inference: prefill T tokens, then 64 decoded one at a time (race's fixed state against softmax's growing cache).
 stage sweep-decode 45 "${SWEEP[@]}" --mode decode --methods race,flash,linear --min-len 2^12 \
     --max-len "$DECODE_MAX_LEN" --growth 4 --time-budget 10s --out "$OUT/decode-gpu"
+# race's step after the shortest and the longest prompt, side by side: whether it is flat in the context.
+stage decode-flat 25 "$PY" benchmarks/decode_flat.py --device "$DEVICE" --dtype bf16 --lengths "2^12,$DECODE_MAX_LEN" \
+    --tokens 500
 stage plots 20 "$PY" -m racebench plot "$OUT/paper-gpu-race" "$OUT/paper-gpu-others" --out "$OUT/plots/paper-gpu"
 stage plots-causal 10 "$PY" -m racebench plot "$OUT/causal-gpu" --out "$OUT/plots/causal-gpu"
 stage plots-decode 10 "$PY" -m racebench plot "$OUT/decode-gpu" --out "$OUT/plots/decode-gpu"

@@ -3,6 +3,7 @@
 import json
 
 import matplotlib.legend
+import matplotlib.pyplot as plt
 import pytest
 from typer.testing import CliRunner
 
@@ -14,6 +15,13 @@ from racebench.views.plots import growth_exponent, make_figures
 
 runner = CliRunner()
 ENV = {"COLUMNS": "200"}
+
+
+@pytest.fixture(autouse=True)
+def close_figures():
+    """make_figures hands its figures to the caller, who closes them: here, after each test."""
+    yield
+    plt.close("all")
 
 
 def fixture_run(path, *, scale=1.0, mem_scale=1.0, race_fails_at=None, methods="race,flash,linear",
