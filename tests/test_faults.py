@@ -271,6 +271,7 @@ def test_run_json_records_what_reproduces_the_run(tmp_path, monkeypatch):
     assert env["numpy"] and env["pandas"] and "gpu_driver" in env
     kernels = env["race_cpu_kernels"]
     assert "-march=native" in kernels["flags"] and kernels["compiler"]["command"] and kernels["folder"]
+    assert kernels["simd"]  # what -march=native built for: results from an AVX2 and an AVX-512 CPU differ
 
 
 def test_a_non_editable_install_records_its_commit(tmp_path, monkeypatch):

@@ -97,3 +97,14 @@ def test_without_a_build_race_runs_the_pytorch_core(monkeypatch):
     assert get_method("race").impl(BuildConfig(1, 4, 64, 16)) == "torch"
     with pytest.raises(UsageError, match="no C\\+\\+ compiler"):
         race_attention(q, q, q, planes, beta=8.0, impl="cpp")
+
+
+def test_builds_are_kept_apart_by_the_cpu_s_vectors(monkeypatch):
+    """-march=native builds for this CPU and the kernels size their vectors by its widest extension: a build made
+    on an AVX-512 machine would not run on an AVX2 one, so the build folder's key includes it."""
+    from racebench.methods.race import native as mod
+
+    here = mod._build_dir()
+    other = "avx2" if mod.simd() == "avx512f" else "avx512f"
+    monkeypatch.setattr(mod, "simd", lambda: other)
+    assert mod._build_dir() != here

@@ -4,11 +4,12 @@ products are register-blocked on whole SIMD vectors (head dimensions 64 and 128;
 [S, block] temporaries passing between PyTorch operators.
 
 Built once with the machine's C++ compiler (torch.utils.cpp_extension) into a folder of its own under
-~/.cache/racebench (or $RACEBENCH_CACHE), keyed by a hash of the source, flags, compiler, torch and Python: a sweep
-builds them in its own process before its first point, and every later process imports the built library directly
-(no ninja, so no rebuild because another checkout or another ninja built it). One process compiles at a time
-(an OS lock, released if the builder dies: no stale lock); a process with RACEBENCH_NO_BUILD set (a sweep's point)
-never compiles. Where they cannot be built, `build_error()` says why and `race` runs the PyTorch core.
+~/.cache/racebench (or $RACEBENCH_CACHE), keyed by a hash of the source, flags, compiler, CPU vectors, torch and
+Python: a sweep builds them in its own process before its first point, and every later process imports the built
+library directly (no ninja, so no rebuild because another checkout or another ninja built it). One process compiles
+at a time (an OS lock, released if the builder dies: no stale lock); a process with RACEBENCH_NO_BUILD set (a
+sweep's point) never compiles. Where they cannot be built, `build_error()` says why and `race` runs the PyTorch
+core.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import importlib.util
 import json
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -55,12 +57,26 @@ def compiler() -> dict:
     return {"command": name, "path": path, "version": version}
 
 
+@functools.cache
+def simd() -> str:
+    """The widest vector extension this CPU has of those the kernels size their vectors by (race_cpu.cpp, VBYTES):
+    'avx512f', 'avx2' or 'none' (the machine's architecture where /proc/cpuinfo is absent). -march=native builds for
+    it, so it is part of a build's key: a build made where AVX-512 runs would not run here, and a build made
+    without it would run slowly where it does."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return platform.machine()
+    return next((f for f in ("avx512f", "avx2") if f in flags), "none")
+
+
 def _build_dir() -> tuple[str, Path]:
-    """The build folder for this source, flags, compiler, torch and Python, holding a copy of the source."""
+    """The build folder for this source, flags, compiler, CPU vectors, torch and Python, holding a copy of the
+    source."""
     import torch
 
     text = _SOURCE.read_bytes()
-    parts = [text, " ".join(_FLAGS), json.dumps(compiler(), sort_keys=True), torch.__version__,
+    parts = [text, " ".join(_FLAGS), json.dumps(compiler(), sort_keys=True), simd(), torch.__version__,
              str(Path(torch.__file__).resolve().parent), sys.version]
     key = hashlib.sha256(b"\0".join(p if isinstance(p, bytes) else p.encode() for p in parts)).hexdigest()[:16]
     root = Path(os.environ.get("RACEBENCH_CACHE") or Path.home() / ".cache" / "racebench")
@@ -144,7 +160,7 @@ def build_info() -> dict:
     name, folder = _build_dir()
     done = folder / _DONE
     info = json.loads(done.read_text()) if done.exists() else {"compiler": compiler(), "flags": _FLAGS}
-    return info | {"folder": str(folder), "state": state()}
+    return info | {"simd": simd(), "folder": str(folder), "state": state()}
 
 
 def available() -> bool:

@@ -25,6 +25,14 @@ namespace {
 
 constexpr int64_t CHUNK = 512;  // tokens summed into a chunk's partial state before it joins the total
 constexpr int MAX_LP = 64, MAX_S = 512;
+// The register-blocked products' vectors: AVX-512's 64 bytes, else AVX2's 32. 64-byte vectors on AVX2 are pairs
+// of registers, and the blocks of accumulators sized for AVX-512's 32 registers, doubled, spill out of AVX2's 16:
+// every multiply-add then went through memory (11x slower, benchmarks/native_kernels.py on an AVX2 machine).
+#if defined(__AVX512F__)
+constexpr int VBYTES = 64;
+#else
+constexpr int VBYTES = 32;
+#endif
 constexpr int TILE = 32;  // tokens handled together; tile arrays are feature-major: a[i * TILE + j], token j
 
 // The soft hash's elementwise work, across a tile's tokens (SIMD lanes).
@@ -162,14 +170,14 @@ struct AnyD {
   }
 };
 
-// The three products for D = ND vectors of N lanes (64 bytes: AVX-512 registers, two AVX2 ones elsewhere), with
+// The three products for D = ND vectors of N lanes (VBYTES: one AVX-512 or one AVX2 register), with
 // accumulators held in registers across a block of tokens or state rows: GCC vector extensions, so the compiler
 // keeps the fully unrolled arrays in registers.
 template <typename T, int ND>
 struct FixedD {
-  static constexpr int N = 64 / sizeof(T);
+  static constexpr int N = VBYTES / sizeof(T);
   static constexpr int64_t D = ND * N;
-  typedef T V __attribute__((vector_size(64)));
+  typedef T V __attribute__((vector_size(VBYTES)));
   static V load(const T* p) {
     V v;
     std::memcpy(&v, p, sizeof(V));
@@ -594,7 +602,7 @@ template <typename F>
 auto dispatch(const torch::Tensor& x, int64_t D, F f) {
   auto by_dim = [&](auto type_tag) {
     using scalar = decltype(type_tag);
-    constexpr int N = 64 / sizeof(scalar);
+    constexpr int N = VBYTES / sizeof(scalar);
     if (D == 128) return f(scalar(), FixedD<scalar, 128 / N>());
     if (D == 64) return f(scalar(), FixedD<scalar, 64 / N>());
     return f(scalar(), AnyD<scalar>{D});
