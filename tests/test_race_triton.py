@@ -16,7 +16,7 @@ from racebench.methods.race import fused as fused_module
 from racebench.methods.race import launch, native
 from racebench.methods.race.hashing import soft_hash
 from racebench.methods.race.naive import race_naive
-from racebench.methods.registry import HAS_TRITON, BuildConfig, get_method
+from racebench.methods.registry import HAS_TRITON, BuildConfig, Decoder, decode_all, get_method
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -201,15 +201,20 @@ def test_fused_launch_options(check_close, causal, dtype, config):
 
 
 def _decode_through(q, k, v, planes, prompt, impl, **kw):
-    """Outputs of every position: race_prefill with `impl` on the first `prompt` tokens, then the steps its state
-    chooses (the Triton decode kernel after a Triton prefill); and the final state."""
+    """Outputs of every position (decode_all): race_prefill with `impl` on the first `prompt` tokens, then the steps
+    its state chooses (the Triton decode kernel after a Triton prefill); and the final state."""
     from racebench.methods.race.generate import race_decode_step, race_prefill
 
-    with torch.no_grad():
-        out, state = race_prefill(q[..., :prompt, :], k[..., :prompt, :], v[..., :prompt, :], planes, impl=impl, **kw)
-        steps = [race_decode_step(state, *(x[..., t:t + 1, :] for x in (q, k, v)), planes, **kw)
-                 for t in range(prompt, q.shape[-2])]
-    return torch.cat([out, *steps], dim=-2), state
+    states = []
+
+    def prefill(q, k, v):
+        out, state = race_prefill(q, k, v, planes, impl=impl, **kw)
+        states.append(state)
+        return out, state
+
+    decoder = Decoder(prefill, lambda state, q, k, v: race_decode_step(state, q, k, v, planes, **kw),
+                      lambda state: state.nbytes)
+    return decode_all(decoder, q, k, v, prompt), states[0]
 
 
 @pytest.mark.parametrize("normalize", NORMS)

@@ -59,13 +59,42 @@ def _flash_attn_build(cfg: BuildConfig):
     return _sdpa("FLASH_ATTENTION")(cfg)
 
 
+def _kv_cache(k, v, cfg: BuildConfig, dim: int) -> dict:
+    """The prompt's K, V ([B, H, T, D]) in a cache preallocated for the prompt and the tokens to decode, with the
+    token axis at `dim`: 2 ([B, H, capacity, D], SDPA's layout) or 1 ([B, capacity, H, D], flash-attn's)."""
+    if dim == 1:
+        k, v = k.transpose(1, 2), v.transpose(1, 2)
+    T = k.shape[dim]
+    shape = list(k.shape)
+    shape[dim] = max(T, cfg.T) + cfg.decode_tokens
+    cache = {"K": k.new_empty(shape), "V": v.new_empty(shape), "t": T, "dim": dim}
+    cache["K"].narrow(dim, 0, T).copy_(k)
+    cache["V"].narrow(dim, 0, T).copy_(v)
+    return cache
+
+
+def _make_room(cache: dict) -> None:
+    """Room for one more token: a full cache doubles, as a serving cache would."""
+    import torch
+
+    dim = cache["dim"]
+    if cache["t"] == cache["K"].shape[dim]:
+        for name in ("K", "V"):
+            cache[name] = torch.cat([cache[name], torch.empty_like(cache[name])], dim=dim)
+
+
+def _cache_bytes(cache: dict) -> int:
+    """What the context fills: K and V of every token so far."""
+    K = cache["K"]
+    return 2 * K.numel() // K.shape[cache["dim"]] * cache["t"] * K.element_size()
+
+
 def _cache_decoder(cfg: BuildConfig, backend: str | None = None) -> Decoder:
     """Softmax attention served from a K, V cache preallocated for the prompt and the tokens to decode (grown by
     doubling past that): the prefill is SDPA's causal attention over the prompt, each step SDPA of one query over
     the cache so far; restricted to one SDPA backend (a torch.nn.attention.SDPBackend name) when given."""
     import contextlib
 
-    import torch
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -74,26 +103,16 @@ def _cache_decoder(cfg: BuildConfig, backend: str | None = None) -> Decoder:
             return F.scaled_dot_product_attention(*args, **kwargs)
 
     def prefill(q, k, v):
-        B, H, T, D = k.shape
-        capacity = max(T, cfg.T) + cfg.decode_tokens
-        cache = {"K": k.new_empty(B, H, capacity, D), "V": v.new_empty(B, H, capacity, D), "t": T}
-        cache["K"][:, :, :T], cache["V"][:, :, :T] = k, v
-        return sdpa(q, k, v, is_causal=True), cache
+        return sdpa(q, k, v, is_causal=True), _kv_cache(k, v, cfg, dim=2)
 
     def step(cache, q, k, v):
+        _make_room(cache)
         t = cache["t"]
-        if t == cache["K"].shape[2]:  # full: double it, as a serving cache would
-            for name in ("K", "V"):
-                cache[name] = torch.cat([cache[name], torch.empty_like(cache[name])], dim=2)
         cache["K"][:, :, t:t + 1], cache["V"][:, :, t:t + 1] = k, v
         cache["t"] = t + 1
         return sdpa(q, cache["K"][:, :, :t + 1], cache["V"][:, :, :t + 1])
 
-    def state_bytes(cache):  # what the context fills: K and V of every token so far
-        K = cache["K"]
-        return 2 * K.shape[0] * K.shape[1] * cache["t"] * K.shape[3] * K.element_size()
-
-    return Decoder(prefill, step, state_bytes)
+    return Decoder(prefill, step, _cache_bytes)
 
 
 def _kvcache_decoder(cfg: BuildConfig, module: str = "flash_attn") -> Decoder:
@@ -102,36 +121,24 @@ def _kvcache_decoder(cfg: BuildConfig, module: str = "flash_attn") -> Decoder:
     into a [B, capacity, H, D] cache at position cache_seqlens in place and attends over the cache up to it."""
     import importlib
 
-    import torch
-
     fa = importlib.import_module(module)
 
     def first(o):  # some releases also return the log-sum-exp
         return o[0] if isinstance(o, tuple) else o
 
     def prefill(q, k, v):
-        B, H, T, D = k.shape
-        capacity = max(T, cfg.T) + cfg.decode_tokens
-        cache = {"K": k.new_empty(B, capacity, H, D), "V": v.new_empty(B, capacity, H, D), "t": T}
-        cache["K"][:, :T], cache["V"][:, :T] = k.transpose(1, 2), v.transpose(1, 2)
         o = first(fa.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True))
-        return o.transpose(1, 2), cache
+        return o.transpose(1, 2), _kv_cache(k, v, cfg, dim=1)
 
     def step(cache, q, k, v):
+        _make_room(cache)
         t = cache["t"]
-        if t == cache["K"].shape[1]:  # full: double it, as a serving cache would
-            for name in ("K", "V"):
-                cache[name] = torch.cat([cache[name], torch.empty_like(cache[name])], dim=1)
         o = first(fa.flash_attn_with_kvcache(q.transpose(1, 2), cache["K"], cache["V"], k=k.transpose(1, 2),
                                              v=v.transpose(1, 2), cache_seqlens=t, causal=True))
         cache["t"] = t + 1
         return o.transpose(1, 2)
 
-    def state_bytes(cache):
-        K = cache["K"]
-        return 2 * K.shape[0] * cache["t"] * K.shape[2] * K.shape[3] * K.element_size()
-
-    return Decoder(prefill, step, state_bytes)
+    return Decoder(prefill, step, _cache_bytes)
 
 
 def _flash_decoder(cfg: BuildConfig) -> Decoder:

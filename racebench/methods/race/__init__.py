@@ -130,7 +130,6 @@ def _impl(cfg: BuildConfig, impl: str | None = None) -> str:
     """What a point runs, recorded with it: the core (`impl`, else what "auto" runs), and in decode mode what the
     steps run."""
     impl = impl or _core_impl(cfg)
-    knobs = race.effective_knobs(cfg)
     if cfg.mode != "decode":
         return impl
     if impl == "triton":  # the steps (generate.py): the Triton decode kernel after the Triton prefill
@@ -139,6 +138,7 @@ def _impl(cfg: BuildConfig, impl: str | None = None) -> str:
     if cfg.device == "cpu":  # the native decode_step where it runs
         from racebench.methods.race import native
 
+        knobs = race.effective_knobs(cfg)
         acc = "fp64" if cfg.dtype_name == "fp64" else "fp32"
         native_ok = implementations.native_limits(acc, knobs["race_L"], knobs["race_P"]) is None and native.available()
     return impl + (" + cpp steps" if native_ok else " + torch steps")
